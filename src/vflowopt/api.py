@@ -1,0 +1,98 @@
+"""prune / pruned / PruneHandle: the one-call API."""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+
+from torch import nn
+
+from .config import ConfigError, PruneConfig, method_entry
+from .models.base import adapter_for
+from .runtime.engine import PruningEngine
+from .runtime.stats import PruneStats
+
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, PruneHandle] = weakref.WeakKeyDictionary()
+
+
+class PruneHandle:
+    """Returned by `prune()`: what the last prefill kept (`stats`) and how to undo it (`remove`)."""
+
+    def __init__(self, model: nn.Module, config: PruneConfig, engine: PruningEngine):
+        self.model = model
+        self.config = config  # resolved against the model: every field explicit
+        self._engine = engine
+
+    @property
+    def stats(self) -> PruneStats:
+        return self._engine.stats
+
+    @property
+    def active(self) -> bool:
+        return _ACTIVE.get(self.model) is self
+
+    def remove(self) -> None:
+        """Detach every hook; the model is exactly as loaded. Safe to call twice."""
+        if self.active:
+            self._engine.detach()
+            del _ACTIVE[self.model]
+
+    def __enter__(self) -> PruneHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return f"PruneHandle({self.config.method}, budget={self.config.budget}, {state})"
+
+
+def prune(model: nn.Module, config: PruneConfig) -> PruneHandle:
+    """Attach pruning to `model` in place (this instance only); `model.generate()` stays unchanged.
+
+    Everything is validated before any hook is installed, so a failed call leaves the model as it was.
+    """
+    if not isinstance(config, PruneConfig):
+        raise ConfigError(f"prune() needs a vflowopt config (e.g. VFlowOptConfig), got {type(config).__name__}")
+    if model in _ACTIVE:
+        raise ConfigError(
+            "this model is already pruned; call handle.remove() (or vflowopt.unprune(model)) before pruning again"
+        )
+    adapter = adapter_for(model)
+    if config.model_family is not None and config.model_family != adapter.family:
+        raise ConfigError(
+            f"this strategy was made for a '{config.model_family}' model, not '{adapter.family}'; "
+            "optimize a strategy for this model or use a plain config"
+        )
+    if config.num_layers is not None and config.num_layers != adapter.num_llm_layers:
+        raise ConfigError(
+            f"this strategy was made for an LLM with {config.num_layers} layers; this model has "
+            f"{adapter.num_llm_layers}"
+        )
+    _, method_cls = method_entry(config.method)
+    resolved = config.resolve(adapter) if hasattr(config, "resolve") else config
+    method = method_cls(resolved, adapter)
+    engine = PruningEngine(model, adapter, method, positions=getattr(resolved, "positions", "keep"))
+    engine.attach()
+    handle = PruneHandle(model, resolved, engine)
+    _ACTIVE[model] = handle
+    return handle
+
+
+def unprune(model: nn.Module) -> None:
+    """Remove whatever pruning is attached to `model` (no-op if none)."""
+    handle = _ACTIVE.get(model)
+    if handle is not None:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def pruned(model: nn.Module, config: PruneConfig) -> Iterator[PruneHandle]:
+    """`with pruned(model, cfg) as h:` prunes inside the block and restores the model after it."""
+    handle = prune(model, config)
+    try:
+        yield handle
+    finally:
+        handle.remove()

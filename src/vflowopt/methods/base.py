@@ -1,0 +1,93 @@
+"""The contract between the runtime and a pruning method.
+
+A method scores and selects; the runtime owns every hook and all the mechanics of removing tokens
+(hidden states, positions, masks, caches). A method never touches a model class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import PruneConfig
+from ..models.base import ModelAdapter, TokenLayout
+
+
+@dataclass
+class PrefillContext:
+    """What a method may look at during one prefill."""
+
+    layout: TokenLayout
+    # (B, Nv, D) projected visual features as they enter the LLM (before any pruning).
+    features: torch.Tensor
+    # (B, L) bool, image placeholders of the full prompt.
+    image_mask: torch.Tensor
+    # Method-owned scratch space for this prefill (e.g. the importance map).
+    scratch: dict = field(default_factory=dict)
+
+
+@dataclass
+class Selection:
+    """A method's pre-LLM decision: which visual tokens stay, and new features for some of them."""
+
+    keep: torch.Tensor  # (B, Nv) bool; non-prunable tokens must be kept
+    features: torch.Tensor | None = None  # (B, Nv, D) replacement features, read only where `replaced`
+    replaced: torch.Tensor | None = None  # (B, Nv) bool, a subset of `keep`
+
+
+class PruningMethod:
+    """Base class; subclasses implement the hooks they need."""
+
+    config_cls: type[PruneConfig] = PruneConfig
+
+    def __init__(self, config: PruneConfig, adapter: ModelAdapter):
+        self.config = config
+        self.adapter = adapter
+
+    # Declarations read by the runtime once, at prune() time.
+    vision_attention_layer: int | None = None  # ViT layer whose attention rows the method needs
+    needs_pixels: bool = False  # receive the vision tower's pixel_values
+    llm_layers: tuple[int, ...] = ()  # LLM layers at whose input the method prunes
+
+    @property
+    def prunes_before_llm(self) -> bool:
+        return True
+
+    def on_pixels(self, pixel_values: torch.Tensor) -> None:
+        """Called with (n_crops, 3, H, W) when the vision tower runs."""
+
+    def on_vision_attention(self, probs: torch.Tensor) -> None:
+        """Called with head-averaged (n_crops, N, N) attention of `vision_attention_layer`."""
+
+    def before_llm(self, ctx: PrefillContext) -> Selection:
+        """Selection on the projected features; the default keeps everything."""
+        return Selection(keep=torch.ones_like(ctx.layout.tokens.prunable))
+
+    def at_layer(self, ctx: PrefillContext, layer: int, current: torch.Tensor,
+                 hidden_states: torch.Tensor) -> torch.Tensor:
+        """Keep mask (B, n) over the visual tokens still present (`current` indexes Nv)."""
+        return torch.ones_like(current, dtype=torch.bool)
+
+    def reset(self) -> None:
+        """Drop per-forward signals (called after each prefill, used or not)."""
+
+
+def topk_per_group(scores: torch.Tensor, group: torch.Tensor, candidates: torch.Tensor,
+                   counts: dict[tuple[int, int], int]) -> torch.Tensor:
+    """Per sample and group (e.g. image), keep the `counts[(b, g)]` highest-scoring candidates.
+
+    scores, group, candidates: (B, n). Ties break by position (stable sort), so selection is
+    deterministic. NaN scores rank last.
+    """
+    keep = torch.zeros_like(candidates, dtype=torch.bool)
+    safe = torch.nan_to_num(scores.float(), nan=float("-inf"))
+    for b in range(scores.shape[0]):
+        for g in group[b].unique().tolist():
+            idx = (candidates[b] & (group[b] == g)).nonzero().squeeze(-1)
+            n_keep = counts.get((b, g), 0)
+            if n_keep <= 0 or idx.numel() == 0:
+                continue
+            order = torch.argsort(safe[b, idx], descending=True, stable=True)
+            keep[b, idx[order[:n_keep]]] = True
+    return keep

@@ -1,0 +1,216 @@
+"""VFlowOpt inference (paper sections 3.1-3.2).
+
+Importance: calibrated vision-encoder attention plus patch entropy,
+    K = {j : Σ_i A_ij > t·(1/N)·Σ_i Σ_j A_ij},   I_i = Σ_{k∈K} A_ki + α·softmax(H)_i,
+taken (heads averaged) at the vision layer whose output becomes the features, then packed like the
+features so it aligns 1:1 with the visual tokens. Pruning is progressive and text-agnostic: keep R1
+before the LLM (recycling the pruned tokens cell by cell), R2 of those at stage_layers[0] and R3 of
+those at stage_layers[1]. Every image is ranked on its own and keeps its share of the budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..budget import check_stage_layers, default_stage_layers, keep_count, solve_r3, three_stage_mean
+from ..config import ConfigError, PruneConfig, check_fraction
+from ..models.base import ModelAdapter
+from ..runtime.recycle import grid_cells, select_with_recycling
+from ..signals.entropy import patch_entropy
+from .base import PrefillContext, PruningMethod, Selection, topk_per_group
+
+#: Default-strategy rule (documented in the README): keep R1 = min(1, 1.2·budget) before the LLM,
+#: R2 = 1, and solve R3 from the budget. The official LLaVA-OV-7B strategies keep R1 between
+#: 1.06 and 1.45 times the budget and R2 near 1 (reference/seeds.md §1.7).
+DEFAULT_R1_FACTOR = 1.2
+DEFAULT_THRESHOLD = 35.0  # official strategies: t in 28.7-39.3
+DEFAULT_GRID = 16.0  # official strategies: a in 11.8-17.4 on 27×27 grids
+
+
+@dataclass
+class VFlowOptConfig(PruneConfig):
+    """VFlowOpt strategy. `budget` alone gives the default strategy; explicit fields override it.
+
+    retention: (R1, R2, R3) or (R1, R2) with R3 solved from the budget; R2, R3 are relative to the
+    previous stage. threshold: t. entropy_weight: α. grid_size: a (cell side, in tokens of each grid).
+    stage_layers: the two in-LLM pruning layers (default floor(L/3), floor(2L/3)). vision_layer: the
+    ViT layer scored (default: the one whose output becomes the features). calibration: "sum" over K
+    as in the paper's eq. 4, or "mean" as the official code does. positions: "keep" the original
+    position ids, or "compact" renumbering after the pre-LLM stage as the official code does.
+    """
+
+    budget: float | None = None
+    retention: tuple[float, ...] | None = None
+    threshold: float = DEFAULT_THRESHOLD
+    entropy_weight: float = 0.0
+    grid_size: float = DEFAULT_GRID
+    recycle: bool = True
+    stage_layers: tuple[int, int] | None = None
+    vision_layer: int | None = None
+    calibration: str = "sum"
+    positions: str = "keep"
+    image_mean: tuple[float, float, float] | None = None
+    image_std: tuple[float, float, float] | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.budget is None and (self.retention is None or len(self.retention) != 3 or None in self.retention):
+            raise ConfigError("VFlowOptConfig needs a budget in (0, 1], or a full retention=(R1, R2, R3)")
+        if self.retention is not None:
+            if len(self.retention) not in (2, 3):
+                raise ConfigError(f"retention must be (R1, R2) or (R1, R2, R3), got {self.retention!r}")
+            for name, r in zip(("R1", "R2", "R3"), self.retention):
+                if r is not None:
+                    check_fraction(f"retention {name}", r)
+        for name in ("threshold", "entropy_weight", "grid_size"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        if self.threshold < 0:
+            raise ConfigError(f"threshold (t) must be >= 0, got {self.threshold}")
+        if self.grid_size < 1:
+            raise ConfigError(f"grid_size (a) must be >= 1 token, got {self.grid_size}")
+        if self.calibration not in ("sum", "mean"):
+            raise ConfigError(f"calibration must be 'sum' (paper) or 'mean' (official code), got {self.calibration!r}")
+        if self.positions not in ("keep", "compact"):
+            raise ConfigError(f"positions must be 'keep' or 'compact', got {self.positions!r}")
+        if self.stage_layers is not None and len(self.stage_layers) != 2:
+            raise ConfigError(f"stage_layers must be two LLM layer indices, got {self.stage_layers!r}")
+
+    def resolve(self, adapter: ModelAdapter) -> VFlowOptConfig:
+        """The full strategy for this model: every field explicit, budget constraint checked."""
+        self.validate()
+        n_layers = adapter.num_llm_layers
+        stages = check_stage_layers(self.stage_layers or default_stage_layers(n_layers), n_layers)
+        if len(stages) != 2:
+            raise ConfigError(f"VFlowOpt needs two in-LLM stage layers, got {stages}")
+        vision_layer = adapter.check_vision_layer(
+            self.vision_layer if self.vision_layer is not None else adapter.feature_layer()
+        )
+        budget = self.budget
+        if self.retention is None:
+            r1, r2 = min(1.0, DEFAULT_R1_FACTOR * budget), 1.0
+            r3 = solve_r3(budget, r1, r2, stages, n_layers)
+            if not 0.0 <= r3 <= 1.0:  # stage layers too late for the rule: one uniform stage
+                r1, r3 = budget, 1.0
+        else:
+            r1, r2 = float(self.retention[0]), float(self.retention[1])
+            r3 = self.retention[2] if len(self.retention) == 3 else None
+            if r3 is None:
+                r3 = solve_r3(budget, r1, r2, stages, n_layers)
+                if not 0.0 <= r3 <= 1.0:
+                    raise ConfigError(
+                        f"retention R1={r1:.4f}, R2={r2:.4f} cannot meet budget {budget} with stage layers "
+                        f"{stages} of {n_layers}: R3 would be {r3:.4f}, outside [0, 1]"
+                    )
+            elif budget is not None:
+                mean = three_stage_mean((r1, r2, r3), stages, n_layers)
+                if abs(mean - budget) > 1e-3:
+                    raise ConfigError(
+                        f"retention {tuple(self.retention)} gives a mean retention of {mean:.4f} over "
+                        f"{n_layers} layers with stage layers {stages}, not the budget {budget}; "
+                        "give R1 and R2 only to have R3 solved, or drop the budget"
+                    )
+        r3 = float(r3)
+        return replace(
+            self,
+            budget=three_stage_mean((r1, r2, r3), stages, n_layers) if budget is None else budget,
+            retention=(r1, r2, r3),
+            stage_layers=stages,
+            vision_layer=vision_layer,
+            image_mean=tuple(self.image_mean or adapter.image_mean),
+            image_std=tuple(self.image_std or adapter.image_std),
+            model_family=adapter.family,
+            num_layers=n_layers,
+        )
+
+
+def calibrated_attention(probs: torch.Tensor, threshold: float, reduce: str = "sum") -> torch.Tensor:
+    """(n, N, N) head-averaged attention (rows = queries) -> (n, N) attention from the set K.
+
+    K holds the tokens whose received attention Σ_i A_ij exceeds t·(1/N)·Σ_ij A_ij; an empty K
+    falls back to all tokens, so the result is always finite.
+    """
+    n_tok = probs.shape[-1]
+    received = probs.sum(dim=-2)  # (n, N)
+    tau = threshold * probs.sum(dim=(-2, -1), keepdim=False).unsqueeze(-1) / n_tok
+    in_k = received > tau
+    in_k = torch.where(in_k.any(-1, keepdim=True), in_k, torch.ones_like(in_k))
+    score = (probs * in_k.unsqueeze(-1).to(probs.dtype)).sum(dim=-2)
+    if reduce == "mean":
+        score = score / in_k.sum(-1, keepdim=True).to(probs.dtype)
+    return score
+
+
+class VFlowOptMethod(PruningMethod):
+    config_cls = VFlowOptConfig
+
+    def __init__(self, config: VFlowOptConfig, adapter: ModelAdapter):
+        super().__init__(config, adapter)
+        self.vision_attention_layer = config.vision_layer
+        self.needs_pixels = config.entropy_weight != 0.0
+        self.llm_layers = tuple(config.stage_layers)
+        self._attention: torch.Tensor | None = None
+        self._entropy: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self._attention = self._entropy = None
+
+    def on_pixels(self, pixel_values: torch.Tensor) -> None:
+        h = patch_entropy(pixel_values, self.adapter.patch_size, self.config.image_mean, self.config.image_std)
+        self._entropy = torch.softmax(h, dim=-1)
+
+    def on_vision_attention(self, probs: torch.Tensor) -> None:
+        scores = calibrated_attention(probs, self.config.threshold, self.config.calibration)
+        self._attention = scores[:, self.adapter.vit_prefix_tokens :]
+
+    def importance_map(self) -> torch.Tensor:
+        """(n_crops, n_patches) ViT-level importance I of the last vision pass."""
+        if self._attention is None:
+            raise RuntimeError("vflowopt: no vision-encoder attention was captured for this prefill")
+        imp = self._attention
+        if self.config.entropy_weight:
+            imp = imp + self.config.entropy_weight * self._entropy.to(imp.device)
+        return imp
+
+    def before_llm(self, ctx: PrefillContext) -> Selection:
+        tokens = ctx.layout.tokens
+        importance = torch.nan_to_num(ctx.layout.pack(self.importance_map()), nan=0.0)
+        ctx.scratch["importance"] = importance
+        r1 = self.config.retention[0]
+        keep = ~tokens.prunable
+        replaced = torch.zeros_like(keep)
+        features = ctx.features
+        new_features = features.clone() if self.config.recycle else None
+        for b in range(tokens.batch_size):
+            for img in tokens.image[b].unique().tolist():
+                idx = ((tokens.image[b] == img) & tokens.prunable[b]).nonzero().squeeze(-1)
+                n_keep = keep_count(idx.numel(), r1)
+                if self.config.recycle:
+                    cells = grid_cells(tokens.grid[b, idx], tokens.row[b, idx], tokens.col[b, idx],
+                                       self.config.grid_size)
+                    rec = select_with_recycling(importance[b, idx], cells, n_keep, features[b, idx])
+                    keep[b, idx] = rec.keep
+                    replaced[b, idx] = rec.replaced
+                    new_features[b, idx] = rec.features
+                else:
+                    order = torch.argsort(importance[b, idx], descending=True, stable=True)
+                    keep[b, idx[order[:n_keep]]] = True
+        return Selection(keep=keep, features=new_features, replaced=replaced)
+
+    def at_layer(self, ctx: PrefillContext, layer: int, current: torch.Tensor,
+                 hidden_states: torch.Tensor) -> torch.Tensor:
+        ratio = self.config.retention[1] if layer == self.llm_layers[0] else self.config.retention[2]
+        tokens = ctx.layout.tokens
+        prunable = torch.gather(tokens.prunable, 1, current)
+        image = torch.gather(tokens.image, 1, current)
+        scores = torch.gather(ctx.scratch["importance"], 1, current)
+        counts = {
+            (b, g): keep_count(int((prunable[b] & (image[b] == g)).sum()), ratio)
+            for b in range(current.shape[0])
+            for g in image[b].unique().tolist()
+        }
+        return topk_per_group(scores, image, prunable, counts)

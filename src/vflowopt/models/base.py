@@ -1,0 +1,194 @@
+"""What the runtime needs to know about a model family, and nothing about any method.
+
+An adapter says where the vision tower, its layers, the language model and its decoder layers are,
+and maps every visual token entering the LLM to (image, grid, row, col, pixel region, prunable).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import ConfigError
+
+
+@dataclass
+class VisualTokens:
+    """All visual tokens of one forward, shape (B, Nv) each (every sample has the same Nv).
+
+    `grid` numbers the separate token grids of an image (0 = base grid, 1 = anyres crop grid);
+    `region` is (y0, x0, y1, x1) in pixels of that grid's processed canvas; newline and CLS tokens
+    have `prunable=False`: they are always kept and never counted in the budget.
+    """
+
+    seq_index: torch.Tensor
+    image: torch.Tensor
+    grid: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+    region: torch.Tensor
+    prunable: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.seq_index.shape[0]
+
+    @property
+    def count(self) -> int:
+        return self.seq_index.shape[1]
+
+
+@dataclass
+class TokenLayout:
+    """The visual tokens of a forward plus the packing of ViT-level maps onto them."""
+
+    tokens: VisualTokens
+    # (n_crops, n_patches) ViT-level map (one row per image/crop as fed to the vision tower, CLS
+    # removed) -> (B, Nv) map aligned with `tokens`; non-prunable tokens get NaN.
+    pack: Callable[[torch.Tensor], torch.Tensor]
+
+
+class ModelAdapter:
+    """Base class: one subclass per model family (one file each in models/)."""
+
+    family: str = ""
+    # Model classes (by name) this adapter handles; matched on the model's class name.
+    class_names: tuple[str, ...] = ()
+    # Normalisation of the family's standard image processor, to undo it for patch entropy.
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    # Arguments of get_image_features that the layout needs (generate() drops them from the forward).
+    image_kwargs: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.base = model.model if hasattr(model, "model") else model
+        self.config = model.config
+
+    # -- structure ---------------------------------------------------------------------------
+    @property
+    def text_model(self) -> nn.Module:
+        return self.base.language_model
+
+    @property
+    def decoder_layers(self) -> Sequence[nn.Module]:
+        return self.text_model.layers
+
+    @property
+    def num_llm_layers(self) -> int:
+        return int(self.config.text_config.num_hidden_layers)
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.base.vision_tower
+
+    @property
+    def vision_layers(self) -> Sequence[nn.Module]:
+        return self.vision_tower.encoder.layers
+
+    def vision_attention(self, layer: int) -> nn.Module:
+        return self.vision_layers[layer].self_attn
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.config.vision_config.patch_size)
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.config.image_token_id)
+
+    @property
+    def vit_prefix_tokens(self) -> int:
+        """Tokens before the patches in the ViT sequence (1 for CLIP's CLS, 0 for SigLIP)."""
+        return 0
+
+    def feature_layer(self) -> int:
+        """Index of the vision-encoder layer whose output becomes the image features."""
+        layer = self.config.vision_feature_layer
+        if not isinstance(layer, int):
+            layer = max(layer, key=lambda i: i % (len(self.vision_layers) + 1))
+        n_hidden = len(self.vision_layers) + 1  # hidden_states[0] is the embeddings
+        index = layer % n_hidden
+        if index == 0:
+            raise ConfigError("vision_feature_layer selects the patch embeddings; no attention layer to score")
+        return index - 1
+
+    def check_vision_layer(self, layer: int) -> int:
+        n = len(self.vision_layers)
+        if not isinstance(layer, int) or isinstance(layer, bool) or not -n <= layer < n:
+            raise ConfigError(f"vision_layer must be an integer in [{-n}, {n - 1}] for this vision tower, got {layer!r}")
+        return layer % n
+
+    # -- per forward -------------------------------------------------------------------------
+    def layout(self, image_mask: torch.Tensor, forward_kwargs: dict, n_crops: int) -> TokenLayout:
+        """The visual tokens of a prefill; `image_mask` (B, L) marks image placeholder tokens and
+        `forward_kwargs` are the base model's forward kwargs (image_sizes, ...)."""
+        raise NotImplementedError
+
+
+_ADAPTERS: list[type[ModelAdapter]] = []
+
+
+def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    _ADAPTERS.append(cls)
+    return cls
+
+
+def supported_families() -> list[str]:
+    from . import llava, llava_onevision  # noqa: F401  (registration)
+
+    return [a.family for a in _ADAPTERS]
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """The adapter of a loaded model, or a ConfigError naming the supported families."""
+    families = supported_families()
+    name = type(model).__name__
+    for cls in _ADAPTERS:
+        if name in cls.class_names:
+            return cls(model)
+    raise ConfigError(
+        f"no vflowopt adapter for model class {name}; supported families: {', '.join(families)} "
+        f"(classes: {', '.join(c for a in _ADAPTERS for c in a.class_names)})"
+    )
+
+
+def image_mask_from(base: nn.Module, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+                    image_token_id: int) -> torch.Tensor | None:
+    """(B, L) bool mask of image placeholders, from ids or (like transformers) from embeddings."""
+    if input_ids is not None:
+        return input_ids == image_token_id
+    if inputs_embeds is None:
+        return None
+    embed = base.get_input_embeddings()(torch.tensor(image_token_id, device=inputs_embeds.device))
+    return (inputs_embeds == embed).all(-1)
+
+
+def grid_tokens(
+    n_images: int, side_h: int, side_w: int, patch: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row, col and pixel region of every token of `n_images` plain h×w patch grids, flattened."""
+    rows = torch.arange(side_h, device=device).repeat_interleave(side_w)
+    cols = torch.arange(side_w, device=device).repeat(side_h)
+    region = torch.stack([rows * patch, cols * patch, (rows + 1) * patch, (cols + 1) * patch], -1).float()
+    return rows.repeat(n_images), cols.repeat(n_images), region.repeat(n_images, 1)
+
+
+def split_batch(flat: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
+    """Reshape per-visual-token values in flattened (B, L) order into (B, Nv); refuses ragged batches."""
+    counts = image_mask.sum(-1)
+    if not bool((counts == counts[0]).all()):
+        raise ConfigError(
+            "vflowopt prunes a batch only when every sample has the same number of visual tokens; "
+            f"got {counts.tolist()} image tokens per sample. Run these samples one at a time, or give "
+            "them images of the same size."
+        )
+    if flat.shape[0] != int(counts.sum()):
+        raise ConfigError(
+            f"the image features ({flat.shape[0]} tokens) do not match the image placeholders in the "
+            f"prompt ({int(counts.sum())})"
+        )
+    return flat.reshape(image_mask.shape[0], int(counts[0]), *flat.shape[1:])

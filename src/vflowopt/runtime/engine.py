@@ -1,0 +1,398 @@
+"""Hooks that prune visual tokens inside a stock transformers model, on this instance only.
+
+Pruning points: before the LLM (a pre-hook on the language model: the merged `inputs_embeds`) and
+at the input of chosen decoder layers (pre-hooks on the layers). Dropped tokens leave the hidden
+states, the positions, the masks and so every later layer's KV cache. Decode steps select nothing:
+each layer's cache already holds what that layer saw, and kept tokens keep their original positions.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..methods.base import PrefillContext, PruningMethod
+from ..models.base import ModelAdapter, image_mask_from
+from ..signals.attention import vision_attention_probs
+from .sequence import complement_keep, gather_mask, gather_seq, positions_after_drop
+from .stats import PruneStats
+
+
+class PruningError(RuntimeError):
+    """A forward that the runtime cannot prune; the message says why and what to do instead."""
+
+
+@dataclass
+class _Stage:
+    start: int  # first LLM layer of the stage (0 = from the LLM's input)
+    rel1: torch.Tensor | None  # (B, S) indices into the LLM-input sequence; None = all of it
+    visual: int  # prunable visual tokens present (per sample)
+
+
+@dataclass
+class _Plan:
+    """The result of a prefill that decode steps rely on."""
+
+    prompt_len: int  # L0: the full prompt, before pruning
+    llm_len: int  # S1: tokens that entered the LLM
+    keep1: torch.Tensor | None  # (B, S1) indices into the prompt; None when nothing was dropped
+    stages: list[_Stage]
+    shift: int  # L0 - S1, subtracted from positions in compact mode
+    cache: weakref.ref | None = None
+
+
+@dataclass
+class _Run:
+    """Per-forward scratch."""
+
+    prefill: bool
+    plan: _Plan
+    ctx: PrefillContext | None = None
+    cur_ids: torch.Tensor | None = None  # (B, n) indices into Nv of visual tokens present
+    cur_pos: torch.Tensor | None = None  # (B, n) their positions in the current sequence
+    cur_len: int = 0
+    sliced: dict = field(default_factory=dict)
+    pruning_s: float = 0.0
+
+
+class PruningEngine:
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, method: PruningMethod, positions: str = "keep"):
+        self.model = model
+        self.adapter = adapter
+        self.method = method
+        self.compact = positions == "compact"
+        self.stats = PruneStats()
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._fwd: dict | None = None
+        self._n_crops: int | None = None
+        self._plan: _Plan | None = None
+        self._run: _Run | None = None
+        self._prune_layers = set(method.llm_layers)
+        self._first_layer = min(method.llm_layers) if method.llm_layers else None
+        self._vision_s = 0.0
+        self._image_kwargs: dict = {}
+        self._unwrap = None
+
+    # -- installation --------------------------------------------------------------------------
+    def attach(self) -> None:
+        a = self.adapter
+        try:
+            self._hook(a.base, self._on_base_pre, pre=True)
+            self._wrap_image_features()
+            self._hook(a.vision_tower, self._on_vision_pre, pre=True)
+            if self.method.vision_attention_layer is not None:
+                attn = a.vision_attention(self.method.vision_attention_layer)
+                self._hook(attn, self._on_vision_attention, pre=True)
+            self._hook(a.text_model, self._on_text_pre, pre=True)
+            self._hook(a.text_model, self._on_text_post, pre=False)
+            if self._first_layer is not None:
+                for i in range(self._first_layer, a.num_llm_layers):
+                    self._hook(a.decoder_layers[i], self._layer_hook(i), pre=True)
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self._unwrap is not None:
+            self._unwrap()
+            self._unwrap = None
+        self._fwd = self._plan = self._run = None
+        self.method.reset()
+
+    def _wrap_image_features(self) -> None:
+        """generate() encodes images before prefill and then drops `image_sizes` & co from the
+        forward; an instance-level wrapper (signature kept, as generate() inspects it) records them."""
+        base = self.adapter.base
+        names = self.adapter.image_kwargs
+        if not names or not hasattr(base, "get_image_features"):
+            return
+        had_own = "get_image_features" in vars(base)
+        original = base.get_image_features
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def get_image_features(*args, **kwargs):
+            bound = signature.bind_partial(*args, **kwargs)
+            self._image_kwargs = {k: bound.arguments.get(k) for k in names}
+            return original(*args, **kwargs)
+
+        base.get_image_features = get_image_features
+
+        def unwrap() -> None:
+            if had_own:
+                base.get_image_features = original
+            else:
+                del base.get_image_features
+
+        self._unwrap = unwrap
+
+    def _hook(self, module: nn.Module, fn, pre: bool) -> None:
+        if pre:
+            self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+        else:
+            self._handles.append(module.register_forward_hook(fn, with_kwargs=True))
+
+    # -- signals from the vision side -------------------------------------------------------------
+    def _on_base_pre(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = image_mask_from(module, input_ids, kwargs.get("inputs_embeds"), self.adapter.image_token_id)
+        captured = self._image_kwargs
+        self._fwd = {
+            "image_mask": mask,
+            "kwargs": {k: kwargs.get(k) if kwargs.get(k) is not None else captured.get(k)
+                       for k in self.adapter.image_kwargs},
+        }
+
+    def _on_vision_pre(self, module, args, kwargs):
+        pixel_values = kwargs.get("pixel_values", args[0] if args else None)
+        self.method.reset()
+        self._vision_s = 0.0
+        self._n_crops = int(pixel_values.shape[0])
+        self._image_kwargs = self._image_kwargs if self._image_kwargs else {}
+        if self.method.needs_pixels:
+            t0 = time.perf_counter()
+            self.method.on_pixels(pixel_values)
+            self._vision_s += time.perf_counter() - t0
+
+    def _on_vision_attention(self, module, args, kwargs):
+        t0 = time.perf_counter()
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        self.method.on_vision_attention(vision_attention_probs(module, hidden))
+        self._vision_s += time.perf_counter() - t0
+
+    # -- the LLM's input ----------------------------------------------------------------------------
+    def _on_text_pre(self, module, args, kwargs):
+        fwd, self._fwd = self._fwd, None
+        self._run = None
+        past = kwargs.get("past_key_values")
+        past_len = past.get_seq_length() if past is not None else 0
+        image_mask = fwd["image_mask"] if fwd else None
+        if image_mask is not None and bool(image_mask.any()):
+            if past_len > 0:
+                raise PruningError(
+                    "vflowopt cannot prune image tokens appended to a non-empty KV cache; start "
+                    "generation from the full prompt (or call handle.remove() for this call)"
+                )
+            return args, self._prefill(kwargs, image_mask, fwd["kwargs"])
+        if past_len == 0:  # a fresh prompt without images: nothing to prune
+            self._plan = None
+            self._n_crops = None
+            self.method.reset()
+            embeds = kwargs.get("inputs_embeds")
+            n = int(embeds.shape[1]) if embeds is not None else 0
+            self.stats = PruneStats(
+                prompt_tokens=n, tokens_into_llm=n, batch_size=int(embeds.shape[0]) if embeds is not None else 0,
+                visual_tokens_per_layer=[0] * self.adapter.num_llm_layers,
+                kv_tokens_per_layer=[n] * self.adapter.num_llm_layers,
+            )
+            return None
+        plan = self._plan
+        if plan is None or plan.cache is None or plan.cache() is not past:
+            return None  # a cache this engine did not prune
+        return args, self._decode(kwargs, plan, past_len)
+
+    def _prefill(self, kwargs: dict, image_mask: torch.Tensor, fwd_kwargs: dict):
+        t0 = time.perf_counter()
+        embeds = kwargs["inputs_embeds"]
+        b, l0, _ = embeds.shape
+        if self._n_crops is None and self.method.vision_attention_layer is not None:
+            raise PruningError(
+                "this method scores tokens in the vision encoder, but the image features of this "
+                "forward were not computed by the model's vision tower while pruning was attached; "
+                "pass pixel_values (not precomputed features)"
+            )
+        layout = self.adapter.layout(image_mask, fwd_kwargs, self._n_crops or 0)
+        tokens = layout.tokens
+        features = gather_seq(embeds, tokens.seq_index, 1)
+        ctx = PrefillContext(layout=layout, features=features, image_mask=image_mask)
+        sel = self.method.before_llm(ctx)
+        keep_vis = sel.keep | ~tokens.prunable
+        drop = torch.zeros(b, l0, dtype=torch.bool, device=embeds.device)
+        drop.scatter_(1, tokens.seq_index, ~keep_vis)
+
+        new_embeds = embeds
+        if sel.replaced is not None and bool(sel.replaced.any()):
+            rep = sel.replaced & keep_vis
+            new_embeds = embeds.clone()
+            b_idx, v_idx = rep.nonzero(as_tuple=True)
+            new_embeds[b_idx, tokens.seq_index[b_idx, v_idx]] = sel.features[b_idx, v_idx].to(embeds.dtype)
+            kwargs["inputs_embeds"] = new_embeds
+
+        n_vis = int(tokens.prunable[0].sum())
+        kept_vis = int((keep_vis & tokens.prunable)[0].sum())
+        keep1 = None
+        if bool(drop.any()):
+            keep1 = complement_keep(l0, drop, b)
+            kwargs["inputs_embeds"] = gather_seq(new_embeds, keep1, 1)
+            pos = kwargs.get("position_ids")
+            if pos is None:
+                pos = torch.arange(l0, device=embeds.device).view(1, l0)
+            kwargs["position_ids"] = positions_after_drop(pos, keep1) if self.compact else gather_seq(
+                pos, keep1, -1, batch_dim=-2
+            )
+            mask = kwargs.get("attention_mask")
+            if mask is None:
+                # Gapped positions without a mask or cache look like packed sequences to transformers.
+                kwargs["attention_mask"] = torch.ones(b, keep1.shape[1], dtype=torch.long, device=embeds.device)
+            elif isinstance(mask, dict):
+                raise PruningError(
+                    "pre-built attention masks (static caches / compiled generation) are not supported "
+                    "with pruning; use the default dynamic cache"
+                )
+            elif mask.dim() == 2:
+                kwargs["attention_mask"] = gather_seq(mask, keep1, 1)
+            else:
+                kwargs["attention_mask"] = gather_mask(mask, keep1, keep1)
+        s1 = keep1.shape[1] if keep1 is not None else l0
+
+        ids = keep_vis.nonzero()[:, 1].view(b, -1)
+        pos_full = torch.gather(tokens.seq_index, 1, ids)
+        if keep1 is not None:
+            inv = torch.full((b, l0), -1, dtype=torch.long, device=embeds.device)
+            inv.scatter_(1, keep1, torch.arange(s1, device=embeds.device).expand(b, s1))
+            pos_full = torch.gather(inv, 1, pos_full)
+        plan = _Plan(prompt_len=l0, llm_len=s1, keep1=keep1, stages=[_Stage(0, None, kept_vis)], shift=l0 - s1)
+        self._run = _Run(prefill=True, plan=plan, ctx=ctx, cur_ids=ids, cur_pos=pos_full, cur_len=s1)
+        self._run.pruning_s = self._vision_s + time.perf_counter() - t0
+        self.stats = PruneStats(
+            visual_tokens=n_vis, prompt_tokens=l0, tokens_into_llm=s1, batch_size=b,
+            recycled_tokens=int((sel.replaced & keep_vis)[0].sum()) if sel.replaced is not None else 0,
+            stages=[("before LLM", kept_vis)],
+        )
+        self._n_crops = None
+        return kwargs
+
+    def _decode(self, kwargs: dict, plan: _Plan, past_len: int):
+        self._run = _Run(prefill=False, plan=plan)
+        mask = kwargs.get("attention_mask")
+        if plan.keep1 is not None and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            head = gather_seq(mask[:, : plan.prompt_len], plan.keep1, 1)
+            kwargs["attention_mask"] = torch.cat([head, mask[:, plan.prompt_len :]], dim=1)
+        pos = kwargs.get("position_ids")
+        if plan.shift:
+            if pos is not None and self.compact:
+                kwargs["position_ids"] = pos - plan.shift
+            elif pos is None and not self.compact:
+                q = kwargs["inputs_embeds"].shape[1]
+                kwargs["position_ids"] = (
+                    torch.arange(q, device=kwargs["inputs_embeds"].device) + past_len + plan.shift
+                ).view(1, q)
+        return kwargs
+
+    def _on_text_post(self, module, args, kwargs, output):
+        run, self._run = self._run, None
+        if run is None or not run.prefill:
+            return None
+        plan = run.plan
+        n_layers = self.adapter.num_llm_layers
+        per_layer, kv = [], []
+        for i in range(n_layers):
+            stage = _stage_of(plan.stages, i)
+            per_layer.append(stage.visual)
+            kv.append(stage.rel1.shape[1] if stage.rel1 is not None else plan.llm_len)
+        self.stats.visual_tokens_per_layer = per_layer
+        self.stats.kv_tokens_per_layer = kv
+        self.stats.pruning_ms = 1000.0 * run.pruning_s
+        cache = getattr(output, "past_key_values", None)
+        plan.cache = weakref.ref(cache) if cache is not None else None
+        self._plan = plan if cache is not None else None
+        self.method.reset()
+        return None
+
+    # -- decoder layers -------------------------------------------------------------------------------
+    def _layer_hook(self, layer: int):
+        def hook(module, args, kwargs):
+            run = self._run
+            if run is None:
+                return None
+            if run.prefill:
+                return self._layer_prefill(layer, run, args, kwargs)
+            return self._layer_decode(layer, run, args, kwargs)
+
+        return hook
+
+    def _layer_prefill(self, layer: int, run: _Run, args: tuple, kwargs: dict):
+        plan = run.plan
+        if layer in self._prune_layers:
+            t0 = time.perf_counter()
+            hidden = args[0] if args else kwargs["hidden_states"]
+            b = hidden.shape[0]
+            prunable = torch.gather(run.ctx.layout.tokens.prunable, 1, run.cur_ids)
+            keep = self.method.at_layer(run.ctx, layer, run.cur_ids, hidden) | ~prunable
+            visual = int((keep & prunable)[0].sum())
+            if not bool(keep.all()):
+                drop = torch.zeros(b, run.cur_len, dtype=torch.bool, device=hidden.device)
+                drop.scatter_(1, run.cur_pos, ~keep)
+                rel_prev = complement_keep(run.cur_len, drop, b)
+                prev = plan.stages[-1].rel1
+                rel1 = rel_prev if prev is None else torch.gather(prev, 1, rel_prev)
+                inv = torch.full((b, run.cur_len), -1, dtype=torch.long, device=hidden.device)
+                inv.scatter_(1, rel_prev, torch.arange(rel_prev.shape[1], device=hidden.device).expand_as(rel_prev))
+                kept_ids = keep.nonzero()[:, 1].view(b, -1)
+                run.cur_ids = torch.gather(run.cur_ids, 1, kept_ids)
+                run.cur_pos = torch.gather(inv, 1, torch.gather(run.cur_pos, 1, kept_ids))
+                run.cur_len = rel_prev.shape[1]
+                plan.stages.append(_Stage(layer, rel1, visual))
+                hidden = gather_seq(hidden, rel_prev, 1)
+                if args:
+                    args = (hidden, *args[1:])
+                else:
+                    kwargs["hidden_states"] = hidden
+            self.stats.stages.append((f"layer {layer}", visual))
+            run.pruning_s += time.perf_counter() - t0
+        stage_idx = len(plan.stages) - 1
+        stage = plan.stages[stage_idx]
+        if stage.rel1 is None:
+            return args, kwargs
+        for name in ("position_embeddings", "position_ids", "attention_mask"):
+            value = kwargs.get(name)
+            if value is None:
+                continue
+            key = (stage_idx, name, id(value) if not isinstance(value, tuple) else tuple(map(id, value)))
+            if key not in run.sliced:
+                run.sliced[key] = _slice_prefill(name, value, stage.rel1)
+            kwargs[name] = run.sliced[key]
+        return args, kwargs
+
+    def _layer_decode(self, layer: int, run: _Run, args: tuple, kwargs: dict):
+        stage = _stage_of(run.plan.stages, layer)
+        mask = kwargs.get("attention_mask")
+        if stage.rel1 is None or not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+            return None
+        key = (stage.start, id(mask))
+        if key not in run.sliced:
+            s1 = run.plan.llm_len
+            tail = torch.arange(s1, mask.shape[-1], device=mask.device).expand(stage.rel1.shape[0], -1)
+            cols = torch.cat([stage.rel1.to(mask.device), tail], dim=1)
+            run.sliced[key] = gather_mask(mask, None, cols)
+        kwargs["attention_mask"] = run.sliced[key]
+        return args, kwargs
+
+
+def _stage_of(stages: list[_Stage], layer: int) -> _Stage:
+    current = stages[0]
+    for stage in stages:
+        if stage.start <= layer:
+            current = stage
+    return current
+
+
+def _slice_prefill(name: str, value, rel1: torch.Tensor):
+    if name == "position_embeddings":
+        return tuple(gather_seq(t, rel1, 1) for t in value)
+    if name == "position_ids":
+        return gather_seq(value, rel1, -1, batch_dim=-2)
+    if isinstance(value, dict):
+        return {k: _slice_prefill(name, v, rel1) for k, v in value.items()}
+    if value.dim() == 2:
+        return gather_seq(value, rel1, 1)
+    return gather_mask(value, rel1, rel1)

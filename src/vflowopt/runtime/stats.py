@@ -1,0 +1,39 @@
+"""What the last prefill kept, per stage and per layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..budget import realised_mean
+
+
+@dataclass
+class PruneStats:
+    """Counts are per sample (every sample of a pruned batch keeps the same numbers).
+
+    visual_tokens: prunable visual tokens produced (newline/CLS tokens excluded);
+    tokens_into_llm: sequence length entering the first LLM layer;
+    visual_tokens_per_layer: prunable visual tokens present at each LLM layer (recycled ones count);
+    kv_tokens_per_layer: tokens each layer attended over, i.e. its KV-cache length after prefill.
+    """
+
+    visual_tokens: int = 0
+    prompt_tokens: int = 0
+    tokens_into_llm: int = 0
+    visual_tokens_per_layer: list[int] = field(default_factory=list)
+    kv_tokens_per_layer: list[int] = field(default_factory=list)
+    stages: list[tuple[str, int]] = field(default_factory=list)
+    recycled_tokens: int = 0
+    batch_size: int = 0
+    pruning_ms: float = 0.0
+
+    @property
+    def mean_retention(self) -> float:
+        return realised_mean(self.visual_tokens_per_layer, self.visual_tokens)
+
+    def summary(self) -> str:
+        stages = ", ".join(f"{name}: {n}" for name, n in self.stages)
+        return (
+            f"visual tokens {self.visual_tokens} -> [{stages}]; tokens into LLM "
+            f"{self.tokens_into_llm}/{self.prompt_tokens}; mean retention {self.mean_retention:.3f}"
+        )
