@@ -119,7 +119,9 @@ class ModelAdapter:
     def check_vision_layer(self, layer: int) -> int:
         n = len(self.vision_layers)
         if not isinstance(layer, int) or isinstance(layer, bool) or not -n <= layer < n:
-            raise ConfigError(f"vision_layer must be an integer in [{-n}, {n - 1}] for this vision tower, got {layer!r}")
+            raise ConfigError(
+                f"vision_layer must be an integer in [{-n}, {n - 1}] for this vision tower, got {layer!r}"
+            )
         return layer % n
 
     # -- per forward -------------------------------------------------------------------------

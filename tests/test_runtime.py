@@ -1,0 +1,208 @@
+"""The pruning runtime end to end on tiny LLaVA and LLaVA-OneVision models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vflowopt
+from conftest import all_hooks, one_image_inputs
+from vflowopt.tiny import build_inputs, example_image
+
+FAMILIES = ["llava", "llava_onevision"]
+ATTN = ["sdpa", "eager"]
+# Small thresholds so the calibrated set K is non-trivial on 16-patch tiles.
+STRATEGY = dict(threshold=1.5, entropy_weight=0.5, grid_size=2)
+
+
+def _generate(model, inputs, n=6, **kw):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=n, do_sample=False, **kw)
+
+
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_identity_at_full_budget(make_model, family, attn):
+    model, proc = make_model(family, attn)
+    inputs = one_image_inputs(proc)
+    with torch.no_grad():
+        ref_logits = model(**inputs).logits
+    ref_tokens = _generate(model, inputs)
+    with vflowopt.pruned(model, vflowopt.VFlowOptConfig(budget=1.0, **STRATEGY)) as h:
+        assert all_hooks(model) > 0
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        tokens = _generate(model, inputs)
+        assert h.stats.mean_retention == 1.0
+    assert torch.equal(logits, ref_logits)
+    assert torch.equal(tokens, ref_tokens)
+
+
+@pytest.mark.parametrize("positions", ["keep", "compact"])
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cache_lengths_and_decode_match_no_cache_forward(make_model, family, attn, positions):
+    model, proc = make_model(family, attn)
+    inputs = one_image_inputs(proc)
+    cfg = vflowopt.VFlowOptConfig(budget=0.3, positions=positions, **STRATEGY)
+    n_new = 5
+    with vflowopt.pruned(model, cfg) as h:
+        out = _generate(model, inputs, n_new, return_dict_in_generate=True, output_logits=True)
+        stats = h.stats
+        kv = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
+        # the cache holds what each layer saw at prefill plus the n_new - 1 fed-back tokens
+        assert kv == [n + n_new - 1 for n in stats.kv_tokens_per_layer]
+        k1, k2 = h.config.stage_layers
+        assert len(set(kv[:k1])) == 1 and kv[0] > kv[k1] >= kv[k2] or stats.stages[1][1] == stats.stages[0][1]
+        assert kv[-1] < kv[0]
+        assert stats.tokens_into_llm < stats.prompt_tokens
+        seq = out.sequences
+        full = {k: v for k, v in inputs.items()}
+        full["input_ids"] = seq[:, :-1]
+        full["attention_mask"] = torch.ones_like(seq[:, :-1])
+        with torch.no_grad():
+            no_cache = model(**full, use_cache=False).logits[:, -1]
+    assert torch.allclose(no_cache, out.logits[-1], atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kept_tokens_keep_their_original_positions(make_model, family):
+    model, proc = make_model(family, "sdpa")
+    inputs = one_image_inputs(proc)
+    seen: dict[str, list] = {"keep": [], "compact": []}
+    n_layers = model.config.text_config.num_hidden_layers
+    for mode in seen:
+        with vflowopt.pruned(model, vflowopt.VFlowOptConfig(budget=0.3, positions=mode, **STRATEGY)) as h:
+            hooks = [
+                layer.register_forward_pre_hook(
+                    lambda m, a, kw, mode=mode: seen[mode].append((kw["position_ids"].clone(), a[0].clone())),
+                    with_kwargs=True,
+                )
+                for layer in model.model.language_model.layers
+            ]
+            with torch.no_grad():
+                model(**inputs)
+            for hk in hooks:
+                hk.remove()
+            k1, k2 = h.config.stage_layers
+            recycled = h.stats.recycled_tokens
+    l0 = inputs["input_ids"].shape[1]
+    pos0, hidden0 = seen["keep"][0]
+    pos0 = pos0[0]
+    assert pos0.shape[0] < l0 and bool((pos0[1:] > pos0[:-1]).all())  # gapped, increasing
+    text = (inputs["input_ids"][0] != model.config.image_token_id).nonzero().squeeze(-1)
+    assert set(text.tolist()) <= set(pos0.tolist())  # every text token is kept, at its own position
+    with torch.no_grad():
+        embeds = model.model.get_input_embeddings()(inputs["input_ids"])
+    # text rows entering the LLM are the prompt's own embeddings at those positions
+    is_text = torch.isin(pos0, text)
+    assert torch.equal(hidden0[0][is_text], embeds[0, pos0[is_text]])
+    assert recycled > 0
+    # later stages keep a subset of the positions of the previous stage
+    pos_k2 = seen["keep"][k2][0][0]
+    assert set(pos_k2.tolist()) < set(pos0.tolist())
+    # compact renumbers before the LLM and keeps gaps inside it
+    cpos0 = seen["compact"][0][0][0]
+    assert torch.equal(cpos0, torch.arange(cpos0.shape[0]))
+    assert seen["compact"][n_layers - 1][0][0].shape[0] < cpos0.shape[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_equals_singles(make_model, family):
+    model, proc = make_model(family, "sdpa")
+    images = [example_image(seed=1), example_image(seed=2)]
+    prompts = ["What is in the image?", "How many circles are there in this picture?"]
+    with vflowopt.pruned(model, vflowopt.VFlowOptConfig(budget=0.25, **STRATEGY)):
+        batch = build_inputs(proc, images, prompts)
+        with torch.no_grad():
+            b_logits = model(**batch).logits[:, -1]
+        b_tokens = _generate(model, batch)[:, -6:]
+        for i, (img, prompt) in enumerate(zip(images, prompts)):
+            single = build_inputs(proc, [img], [prompt])
+            with torch.no_grad():
+                s_logits = model(**single).logits[:, -1]
+            assert torch.allclose(b_logits[i], s_logits[0], atol=1e-4)
+            assert torch.equal(b_tokens[i], _generate(model, single)[0, -6:])
+
+
+def test_batch_with_different_visual_counts_is_refused(make_model):
+    model, proc = make_model("llava_onevision", "sdpa")
+    batch = build_inputs(
+        proc, [example_image(seed=1, size=(56, 56)), example_image(seed=2, size=(120, 80))], ["a", "b"]
+    )
+    with vflowopt.pruned(model, vflowopt.VFlowOptConfig(budget=0.5)):
+        with pytest.raises(vflowopt.ConfigError, match="same number of visual tokens"):
+            with torch.no_grad():
+                model(**batch)
+
+
+def test_two_images_in_one_prompt_each_keep_their_share(make_model):
+    model, proc = make_model("llava_onevision", "sdpa")
+    inputs = build_inputs(proc, [example_image(seed=1), example_image(seed=2, size=(64, 64))], ["Compare them."])
+    kept_per_image = {}
+
+    with vflowopt.pruned(model, vflowopt.VFlowOptConfig(budget=0.5, **STRATEGY)) as h:
+        engine = h._engine
+        original = engine.method.before_llm
+
+        def spy(ctx):
+            sel = original(ctx)
+            t = ctx.layout.tokens
+            for img in t.image[0].unique().tolist():
+                on = (t.image[0] == img) & t.prunable[0]
+                kept_per_image[img] = (int(on.sum()), int((sel.keep[0] & on).sum()))
+            return sel
+
+        engine.method.before_llm = spy
+        _generate(model, inputs, 3)
+    r1 = h.config.retention[0]
+    assert len(kept_per_image) == 2
+    for n, kept in kept_per_image.values():
+        assert kept == round(r1 * n)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_text_only_prompt_is_untouched(make_model, family):
+    model, proc = make_model(family, "eager")
+    inputs = build_inputs(proc, None, ["Describe a red circle."])
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    ref_tokens = _generate(model, inputs)
+    with vflowopt.pruned(model, vflowopt.VFlowOptConfig(budget=0.1)) as h:
+        with torch.no_grad():
+            out = model(**inputs).logits
+        tokens = _generate(model, inputs)
+        assert h.stats.visual_tokens == 0
+    assert torch.equal(ref, out) and torch.equal(ref_tokens, tokens)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_remove_restores_the_model_exactly(make_model, family):
+    model, proc = make_model(family, "sdpa")
+    inputs = one_image_inputs(proc)
+    before_hooks = all_hooks(model)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    h = vflowopt.prune(model, vflowopt.VFlowOptConfig(budget=0.2))
+    assert ("get_image_features" in vars(model.model)) == (family == "llava_onevision")
+    _generate(model, inputs, 2)
+    h.remove()
+    h.remove()  # idempotent
+    assert all_hooks(model) == before_hooks
+    assert "get_image_features" not in vars(model.model)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref)
+    # and it can be pruned again
+    vflowopt.prune(model, vflowopt.VFlowOptConfig(budget=0.5)).remove()
+
+
+def test_two_models_in_one_process_do_not_interfere(make_model):
+    a, proc_a = make_model("llava_onevision", "sdpa")
+    b, proc_b = make_model("llava", "sdpa")
+    ha = vflowopt.prune(a, vflowopt.VFlowOptConfig(budget=0.2))
+    hb = vflowopt.prune(b, vflowopt.VFlowOptConfig(budget=0.6))
+    _generate(a, one_image_inputs(proc_a), 2)
+    _generate(b, one_image_inputs(proc_b), 2)
+    assert ha.stats.mean_retention < 0.3 < 0.5 < hb.stats.mean_retention
+    ha.remove()
+    hb.remove()
