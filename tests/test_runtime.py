@@ -206,3 +206,16 @@ def test_two_models_in_one_process_do_not_interfere(make_model):
     assert ha.stats.mean_retention < 0.3 < 0.5 < hb.stats.mean_retention
     ha.remove()
     hb.remove()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_beam_search_expands_the_batch_after_encoding(make_model, family):
+    model, proc = make_model(family, "sdpa")
+    inputs = one_image_inputs(proc)
+    ref = _generate(model, inputs, 4, num_beams=2)
+    with vflowopt.pruned(model, vflowopt.VFlowOptConfig(budget=1.0)):
+        assert torch.equal(_generate(model, inputs, 4, num_beams=2), ref)
+    with vflowopt.pruned(model, vflowopt.VFlowOptConfig(budget=0.3)) as h:
+        out = _generate(model, inputs, 4, num_beams=2, num_return_sequences=2)
+        assert out.shape[0] == 2 and h.stats.batch_size == 2
+        assert h.stats.tokens_into_llm < h.stats.prompt_tokens

@@ -51,6 +51,10 @@ class TokenLayout:
     pack: Callable[[torch.Tensor], torch.Tensor]
 
 
+class FeatureCountMismatch(ConfigError):
+    """The visual tokens derived from the vision pass do not match the placeholders in the prompt."""
+
+
 class ModelAdapter:
     """Base class: one subclass per model family (one file each in models/)."""
 
@@ -189,7 +193,7 @@ def split_batch(flat: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
             "them images of the same size."
         )
     if flat.shape[0] != int(counts.sum()):
-        raise ConfigError(
+        raise FeatureCountMismatch(
             f"the image features ({flat.shape[0]} tokens) do not match the image placeholders in the "
             f"prompt ({int(counts.sum())})"
         )

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..methods.base import PrefillContext, PruningMethod
-from ..models.base import ModelAdapter, image_mask_from
+from ..models.base import FeatureCountMismatch, ModelAdapter, TokenLayout, VisualTokens, image_mask_from
 from ..signals.attention import vision_attention_probs
 from .sequence import complement_keep, gather_mask, gather_seq, positions_after_drop
 from .stats import PruneStats
@@ -210,7 +210,7 @@ class PruningEngine:
                 "forward were not computed by the model's vision tower while pruning was attached; "
                 "pass pixel_values (not precomputed features)"
             )
-        layout = self.adapter.layout(image_mask, fwd_kwargs, self._n_crops or 0)
+        layout = self._layout(image_mask, fwd_kwargs)
         tokens = layout.tokens
         features = gather_seq(embeds, tokens.seq_index, 1)
         ctx = PrefillContext(layout=layout, features=features, image_mask=image_mask)
@@ -270,6 +270,26 @@ class PruningEngine:
         )
         self._n_crops = None
         return kwargs
+
+    def _layout(self, image_mask: torch.Tensor, fwd_kwargs: dict) -> TokenLayout:
+        """The adapter's layout; also when generate() expanded the batch after encoding the images
+        (beam search, num_return_sequences: each sample repeated k times in a row)."""
+        crops = self._n_crops or 0
+        try:
+            return self.adapter.layout(image_mask, fwd_kwargs, crops)
+        except FeatureCountMismatch:
+            b = image_mask.shape[0]
+            for k in range(2, b + 1):
+                if b % k or not bool((image_mask.view(b // k, k, -1) == image_mask[::k, None]).all()):
+                    continue
+                try:
+                    layout = self.adapter.layout(image_mask[::k], fwd_kwargs, crops)
+                except FeatureCountMismatch:
+                    continue
+                t = layout.tokens
+                tokens = VisualTokens(**{f: getattr(t, f).repeat_interleave(k, 0) for f in t.__dataclass_fields__})
+                return TokenLayout(tokens=tokens, pack=lambda m, p=layout.pack, k=k: p(m).repeat_interleave(k, 0))
+            raise
 
     def _decode(self, kwargs: dict, plan: _Plan, past_len: int):
         self._run = _Run(prefill=False, plan=plan)
