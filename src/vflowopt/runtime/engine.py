@@ -157,7 +157,6 @@ class PruningEngine:
         self.method.reset()
         self._vision_s = 0.0
         self._n_crops = int(pixel_values.shape[0])
-        self._image_kwargs = self._image_kwargs if self._image_kwargs else {}
         if self.method.needs_pixels:
             t0 = time.perf_counter()
             self.method.on_pixels(pixel_values)
