@@ -19,7 +19,6 @@ from ..budget import check_stage_layers, default_stage_layers, keep_count, solve
 from ..config import ConfigError, PruneConfig, check_fraction
 from ..models.base import ModelAdapter
 from ..runtime.recycle import grid_cells, select_with_recycling
-from ..signals.entropy import patch_entropy
 from .base import PrefillContext, PruningMethod, Selection, topk_per_group
 
 #: Default-strategy rule (documented in the README): keep R1 = min(1, 1.2·budget) before the LLM,
@@ -160,21 +159,29 @@ class VFlowOptMethod(PruningMethod):
         self._attention = self._entropy = None
 
     def on_pixels(self, pixel_values: torch.Tensor) -> None:
-        h = patch_entropy(pixel_values, self.adapter.patch_size, self.config.image_mean, self.config.image_std)
-        self._entropy = torch.softmax(h, dim=-1)
+        h = self.adapter.patch_entropy(pixel_values, self.config.image_mean, self.config.image_std)
+        # softmax over each image's (or crop's) own tokens
+        self._entropy = torch.softmax(h, dim=-1) if torch.is_tensor(h) else [torch.softmax(x, -1) for x in h]
 
-    def on_vision_attention(self, probs: torch.Tensor) -> None:
-        scores = calibrated_attention(probs, self.config.threshold, self.config.calibration)
-        self._attention = scores[:, self.adapter.vit_prefix_tokens :]
+    def on_vision_attention(self, probs) -> None:
+        skip = self.adapter.vit_prefix_tokens
+        if torch.is_tensor(probs):
+            self._attention = calibrated_attention(probs, self.config.threshold, self.config.calibration)[:, skip:]
+        else:
+            self._attention = [
+                calibrated_attention(p[None], self.config.threshold, self.config.calibration)[0, skip:] for p in probs
+            ]
 
-    def importance_map(self) -> torch.Tensor:
-        """(n_crops, n_patches) ViT-level importance I of the last vision pass."""
+    def importance_map(self):
+        """ViT-level importance I of the last vision pass: (n_crops, n_patches) or one vector per image."""
         if self._attention is None:
             raise RuntimeError("vflowopt: no vision-encoder attention was captured for this prefill")
-        imp = self._attention
-        if self.config.entropy_weight:
-            imp = imp + self.config.entropy_weight * self._entropy.to(imp.device)
-        return imp
+        if not self.config.entropy_weight:
+            return self._attention
+        alpha = self.config.entropy_weight
+        if torch.is_tensor(self._attention):
+            return self._attention + alpha * self._entropy.to(self._attention.device)
+        return [a + alpha * e.to(a.device) for a, e in zip(self._attention, self._entropy)]
 
     def before_llm(self, ctx: PrefillContext) -> Selection:
         tokens = ctx.layout.tokens

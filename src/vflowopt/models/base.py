@@ -13,6 +13,12 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
+from ..signals.attention import vision_attention_probs
+from ..signals.entropy import patch_entropy
+
+# A ViT-level map: one row per crop (n_crops, n_patches), or one vector per image when images have
+# different token counts (Qwen-VL).
+VitMaps = torch.Tensor | list[torch.Tensor]
 
 
 @dataclass
@@ -46,9 +52,9 @@ class TokenLayout:
     """The visual tokens of a forward plus the packing of ViT-level maps onto them."""
 
     tokens: VisualTokens
-    # (n_crops, n_patches) ViT-level map (one row per image/crop as fed to the vision tower, CLS
-    # removed) -> (B, Nv) map aligned with `tokens`; non-prunable tokens get NaN.
-    pack: Callable[[torch.Tensor], torch.Tensor]
+    # ViT-level map (one row per image/crop as fed to the vision tower, CLS removed; see VitMaps)
+    # -> (B, Nv) map aligned with `tokens`; non-prunable tokens get NaN.
+    pack: Callable[[VitMaps], torch.Tensor]
 
 
 class FeatureCountMismatch(ConfigError):
@@ -108,6 +114,16 @@ class ModelAdapter:
     def vit_prefix_tokens(self) -> int:
         """Tokens before the patches in the ViT sequence (1 for CLIP's CLS, 0 for SigLIP)."""
         return 0
+
+    def vision_attention_probs(self, attn: nn.Module, args: tuple, kwargs: dict) -> VitMaps:
+        """Head-averaged attention (rows = queries) of one vision layer, from its forward inputs:
+        (n_crops, N, N), or a list of (N_i, N_i) when images have different token counts."""
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        return vision_attention_probs(attn, hidden)
+
+    def patch_entropy(self, pixel_values: torch.Tensor, mean, std) -> VitMaps:
+        """Entropy of the pixel region of every ViT token, shaped like the attention maps (no CLS)."""
+        return patch_entropy(pixel_values, self.patch_size, mean, std)
 
     def feature_layer(self) -> int:
         """Index of the vision-encoder layer whose output becomes the image features."""

@@ -19,7 +19,6 @@ from torch import nn
 
 from ..methods.base import PrefillContext, PruningMethod
 from ..models.base import FeatureCountMismatch, ModelAdapter, TokenLayout, VisualTokens, image_mask_from
-from ..signals.attention import vision_attention_probs
 from .sequence import complement_keep, gather_mask, gather_seq, positions_after_drop
 from .stats import PruneStats
 
@@ -164,8 +163,7 @@ class PruningEngine:
 
     def _on_vision_attention(self, module, args, kwargs):
         t0 = time.perf_counter()
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        self.method.on_vision_attention(vision_attention_probs(module, hidden))
+        self.method.on_vision_attention(self.adapter.vision_attention_probs(module, args, kwargs))
         self._vision_s += time.perf_counter() - t0
 
     # -- the LLM's input ----------------------------------------------------------------------------
