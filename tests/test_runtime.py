@@ -131,7 +131,7 @@ def test_batch_with_different_visual_counts_is_refused(make_model):
         proc, [example_image(seed=1, size=(56, 56)), example_image(seed=2, size=(120, 80))], ["a", "b"]
     )
     with vflowopt.pruned(model, vflowopt.VFlowOptConfig(budget=0.5)):
-        with pytest.raises(vflowopt.ConfigError, match="same number of visual tokens"):
+        with pytest.raises(vflowopt.PruningError, match="same number of visual tokens"):
             with torch.no_grad():
                 model(**batch)
 
@@ -219,3 +219,12 @@ def test_beam_search_expands_the_batch_after_encoding(make_model, family):
         out = _generate(model, inputs, 4, num_beams=2, num_return_sequences=2)
         assert out.shape[0] == 2 and h.stats.batch_size == 2
         assert h.stats.tokens_into_llm < h.stats.prompt_tokens
+
+
+def test_static_cache_with_in_llm_stages_is_refused(make_model):
+    model, proc = make_model("llava_onevision", "sdpa")
+    inputs = one_image_inputs(proc)
+    with vflowopt.pruned(model, vflowopt.VFlowOptConfig(budget=0.5, retention=(1.0, 0.5))):
+        with pytest.raises(vflowopt.PruningError, match="dynamic KV cache"):
+            _generate(model, inputs, 2, cache_implementation="static")
+        _generate(model, inputs, 2)  # still usable

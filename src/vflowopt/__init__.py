@@ -2,8 +2,8 @@
 
 from .api import PruneHandle, prune, pruned, unprune
 from .config import ConfigError, PruneConfig, available_methods, config_for, load_config
+from .errors import PruningError
 from .methods.vflowopt import VFlowOptConfig
-from .runtime.engine import PruningError
 from .runtime.stats import PruneStats
 
 __version__ = "0.1.0"

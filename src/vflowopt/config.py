@@ -14,13 +14,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .errors import ConfigError
+
+__all__ = ["ConfigError", "PruneConfig", "available_methods", "config_for", "load_config", "register_method"]
+
 SCHEMA_VERSION = 1
 
 _REGISTRY: dict[str, tuple[type[PruneConfig], type]] = {}
-
-
-class ConfigError(ValueError):
-    """A config or strategy that cannot be applied; the message says what is accepted."""
 
 
 @dataclasses.dataclass

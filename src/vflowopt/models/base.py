@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
+from ..errors import PruningError
 from ..signals.attention import vision_attention_probs
 from ..signals.entropy import patch_entropy
 
@@ -57,7 +58,7 @@ class TokenLayout:
     pack: Callable[[VitMaps], torch.Tensor]
 
 
-class FeatureCountMismatch(ConfigError):
+class FeatureCountMismatch(PruningError):
     """The visual tokens derived from the vision pass do not match the placeholders in the prompt."""
 
 
@@ -203,7 +204,7 @@ def split_batch(flat: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
     """Reshape per-visual-token values in flattened (B, L) order into (B, Nv); refuses ragged batches."""
     counts = image_mask.sum(-1)
     if not bool((counts == counts[0]).all()):
-        raise ConfigError(
+        raise PruningError(
             "vflowopt prunes a batch only when every sample has the same number of visual tokens; "
             f"got {counts.tolist()} image tokens per sample. Run these samples one at a time, or give "
             "them images of the same size."

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from transformers.models.llava_onevision import modeling_llava_onevision as ov
 
-from ..config import ConfigError
+from ..errors import PruningError
 from .base import ModelAdapter, TokenLayout, VisualTokens, register_adapter, split_batch
 
 
@@ -34,10 +34,10 @@ class LlavaOnevisionAdapter(ModelAdapter):
     def layout(self, image_mask: torch.Tensor, forward_kwargs: dict, n_crops: int) -> TokenLayout:
         image_sizes = forward_kwargs.get("image_sizes")
         if image_sizes is None:
-            raise ConfigError("LLaVA-OneVision pruning needs `image_sizes` (as the processor returns them)")
+            raise PruningError("LLaVA-OneVision pruning needs `image_sizes` (as the processor returns them)")
         crops = self._num_crops(image_sizes, forward_kwargs.get("batch_num_images"))
         if sum(crops) != n_crops:
-            raise ConfigError(
+            raise PruningError(
                 f"the vision tower saw {n_crops} crops but image_sizes imply {sum(crops)}; "
                 "pass the processor's outputs unchanged"
             )

@@ -16,15 +16,13 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
+from ..errors import PruningError
 from ..methods.base import PrefillContext, PruningMethod
 from ..models.base import FeatureCountMismatch, ModelAdapter, TokenLayout, VisualTokens, image_mask_from
 from .sequence import complement_keep, gather_mask, gather_seq, positions_after_drop
 from .stats import PruneStats
-
-
-class PruningError(RuntimeError):
-    """A forward that the runtime cannot prune; the message says why and what to do instead."""
 
 
 @dataclass
@@ -174,6 +172,12 @@ class PruningEngine:
         past_len = past.get_seq_length() if past is not None else 0
         image_mask = fwd["image_mask"] if fwd else None
         if image_mask is not None and bool(image_mask.any()):
+            if self._first_layer is not None and past is not None and not isinstance(past, DynamicCache):
+                raise PruningError(
+                    f"pruning inside the LLM needs the default dynamic KV cache, got {type(past).__name__} "
+                    "(e.g. cache_implementation='static'); drop that option or use a method that prunes "
+                    "only before the LLM"
+                )
             if past_len > 0:
                 raise PruningError(
                     "vflowopt cannot prune image tokens appended to a non-empty KV cache; start "

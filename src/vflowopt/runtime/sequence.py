@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import PruningError
+
 
 def gather_seq(x: torch.Tensor, index: torch.Tensor, dim: int, batch_dim: int = 0) -> torch.Tensor:
     """Entries `index` (B, S) of `x` along `dim`, per sample along `batch_dim`.
@@ -48,7 +50,7 @@ def complement_keep(length: int, drop: torch.Tensor, batch: int) -> torch.Tensor
     keep = ~drop
     counts = keep.sum(-1)
     if not bool((counts == counts[0]).all()):
-        raise RuntimeError(
+        raise PruningError(
             "vflowopt: samples of this batch would keep different numbers of tokens "
             f"({counts.tolist()}); batched pruning needs equal counts — run them one at a time"
         )

@@ -1,0 +1,445 @@
+"""The `vflowopt` command.
+
+`vflowopt run` prunes one prompt on a local model (or, with no --model, on the bundled tiny randomly
+initialised model) and shows what pruning did. Every subcommand is one `_add_<name>` function that
+registers its parser and sets `func`; `main` only parses and dispatches, so `optimize` and `bench`
+slot in the same way.
+
+Exit codes: 0 success, 1 a forward the runtime could not prune, 2 bad arguments, a bad config or
+strategy, or a model/image that could not be loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+DEFAULT_METHOD = "vflowopt"
+DEFAULT_BUDGET = 0.25
+DEFAULT_MAX_NEW_TOKENS = 32
+TINY_MODEL_NAME = "bundled tiny-llava-onevision"
+EXAMPLE_IMAGE = "vflowopt/assets/example.png"
+NO_HUB = "local files only; no hub downloads are attempted"
+
+
+class CLIError(Exception):
+    """A user-facing failure: printed as one line, exit code `code`."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parser
+# ---------------------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def _budget(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budget must be a number in (0, 1], got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vflowopt",
+        description="Visual-token pruning for Hugging Face transformers multimodal models.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _add_run(sub)
+    return parser
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="answer one prompt with pruning attached and show what pruning did",
+        description=(
+            "Answer one prompt about one image with visual-token pruning attached, and report the "
+            "strategy, the tokens kept at every stage, the KV-cache lengths and the timings. "
+            "Without --model the bundled tiny RANDOMLY INITIALISED model is used (meaningless "
+            "answers; it shows the mechanics only). Models are read from local directories only; "
+            "nothing is downloaded."
+        ),
+    )
+    p.add_argument("--model", metavar="DIR",
+                   help="local model directory (AutoModelForImageTextToText + AutoProcessor); "
+                        "default: the bundled tiny random LLaVA-OneVision")
+    p.add_argument("--image", metavar="FILE", help=f"image file; default: the bundled {EXAMPLE_IMAGE}")
+    p.add_argument("--prompt", required=True, metavar="TEXT", help="the question about the image")
+    p.add_argument("--method", metavar="NAME",
+                   help=f"pruning method (default: {DEFAULT_METHOD}); see vflowopt.available_methods()")
+    p.add_argument("--budget", type=_budget, metavar="B",
+                   help=f"mean fraction of visual tokens kept over the LLM layers, in (0, 1] "
+                        f"(default: {DEFAULT_BUDGET}); not with --strategy")
+    p.add_argument("--strategy", metavar="FILE", help="a saved config (JSON written by cfg.save)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
+                   help=f"tokens to generate (default: {DEFAULT_MAX_NEW_TOKENS})")
+    p.add_argument("--positions", choices=("keep", "compact"),
+                   help="keep the original position ids (default) or renumber after the pre-LLM stage "
+                        "as the official code does")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.set_defaults(func=_cmd_run)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(argv) if argv is not None else None)
+    except SystemExit as exc:  # --help, --version or a usage error (argparse already printed it)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    try:
+        return int(args.func(args))
+    except CLIError as exc:
+        _error(str(exc))
+        return exc.code
+
+
+def _error(message: str) -> None:
+    print(f"vflowopt: error: {message}", file=sys.stderr)
+
+
+def _note(message: str, args: argparse.Namespace, console, style: str | None = None) -> None:
+    """Notices go to stdout with the tables, or to stderr when stdout carries JSON."""
+    if args.json:
+        print(f"vflowopt: {message}", file=sys.stderr)
+    else:
+        console.print(message, style=style, markup=False, highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# run
+# ---------------------------------------------------------------------------------------------------
+
+
+def _run_config(args: argparse.Namespace):
+    """The config to apply, validated before anything heavy is loaded."""
+    import vflowopt
+
+    try:
+        if args.strategy is not None:
+            if args.budget is not None:
+                raise CLIError(
+                    "--budget cannot be combined with --strategy: the strategy file fixes the budget "
+                    "(edit the file, or drop --strategy to use --budget)"
+                )
+            cfg = vflowopt.load_config(args.strategy)
+            if args.method is not None and args.method != cfg.method:
+                raise CLIError(
+                    f"--method {args.method} contradicts the strategy file {args.strategy}, which is for "
+                    f"method '{cfg.method}'"
+                )
+            if args.positions is not None:
+                if not any(f.name == "positions" for f in dataclasses.fields(cfg)):
+                    raise CLIError(f"method '{cfg.method}' has no positions option")
+                cfg = dataclasses.replace(cfg, positions=args.positions)
+        else:
+            method = args.method if args.method is not None else DEFAULT_METHOD
+            budget = args.budget if args.budget is not None else DEFAULT_BUDGET
+            kwargs: dict[str, Any] = {"budget": budget}
+            if args.positions is not None:
+                kwargs["positions"] = args.positions
+            try:
+                cfg = vflowopt.config_for(method, **kwargs)
+            except TypeError as exc:  # a method without one of these options
+                raise CLIError(f"method '{method}' does not accept these options: {exc}") from None
+        cfg.validate()
+    except vflowopt.ConfigError as exc:
+        raise CLIError(str(exc)) from None
+    return cfg
+
+
+def _load_image(path: str | None):
+    from PIL import Image, UnidentifiedImageError
+
+    if path is None:
+        with resources.files("vflowopt").joinpath("assets", "example.png").open("rb") as fh:
+            return Image.open(fh).convert("RGB")
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"image file not found: {path}")
+    try:
+        with Image.open(p) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise CLIError(f"cannot read image {path}: {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0].strip() if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _processor_class_name(path: Path) -> str | None:
+    """The processor class a model directory asks for (its JSON files, else the model type's default)."""
+    for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        f = path / name
+        if f.is_file():
+            try:
+                value = json.loads(f.read_text()).get("processor_class")
+            except (OSError, ValueError, AttributeError):
+                value = None
+            if isinstance(value, str) and value:
+                return value
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+    except (OSError, ValueError, AttributeError, ImportError):
+        return None
+    name = PROCESSOR_MAPPING_NAMES.get(model_type)
+    return name if isinstance(name, str) else None
+
+
+def _processor_from_parts(path: Path):
+    """Build the processor from its image processor and tokenizer, with no video processor.
+
+    transformers 5.23 cannot build a video processor (nor type-check an empty video slot) without
+    torchvision, which makes AutoProcessor fail for e.g. LLaVA-OneVision. Like `tiny.py`, we use a
+    subclass of the model's own processor class that accepts `video_processor=None`; images and text
+    work, videos do not.
+    """
+    import transformers
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    name = _processor_class_name(path)
+    base = getattr(transformers, name, None) if name else None
+    if base is None or not hasattr(base, "get_attributes"):
+        raise ValueError(f"cannot tell which processor class to build (found {name!r})")
+
+    class _NoVideoProcessor(base):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument is None and argument_name == "video_processor":
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    _NoVideoProcessor.__name__ = _NoVideoProcessor.__qualname__ = base.__name__
+
+    parts = []
+    for attribute in _NoVideoProcessor.get_attributes():
+        if attribute == "image_processor":
+            parts.append(AutoImageProcessor.from_pretrained(path, local_files_only=True))
+        elif attribute == "tokenizer":
+            parts.append(AutoTokenizer.from_pretrained(path, local_files_only=True))
+        elif attribute == "video_processor":
+            parts.append(None)
+        else:
+            raise ValueError(f"{base.__name__} needs a '{attribute}', which vflowopt cannot build without it")
+    processor_dict, extra = _NoVideoProcessor.get_processor_dict(path, local_files_only=True)
+    return _NoVideoProcessor.from_args_and_dict(parts, processor_dict, **extra)
+
+
+def _load_model(directory: str):
+    path = Path(directory).expanduser()
+    if not path.is_dir():
+        raise CLIError(f"model directory not found: {directory} (--model takes a local directory; {NO_HUB})")
+    if not (path / "config.json").is_file():
+        raise CLIError(f"{directory} has no config.json, so it is not a saved transformers model ({NO_HUB})")
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - any load failure becomes one clear line
+        raise CLIError(f"could not load a model from {directory}: {_one_line(exc)} ({NO_HUB})") from None
+    try:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    except Exception as auto_exc:  # noqa: BLE001
+        try:
+            processor = _processor_from_parts(path)
+        except Exception as parts_exc:  # noqa: BLE001
+            raise CLIError(
+                f"could not load the processor from {directory}: {_one_line(auto_exc)}; building it from "
+                f"its image processor and tokenizer failed too: {_one_line(parts_exc)} ({NO_HUB})"
+            ) from None
+    if getattr(processor, "tokenizer", None) is None:
+        raise CLIError(f"the processor loaded from {directory} has no tokenizer")
+    model.eval()
+    return model, processor
+
+
+def _layer_ranges(values: Sequence[int]) -> str:
+    """[56, 56, 56, 42] -> 'layers 0-2: 56, 3: 42'."""
+    parts = []
+    start = 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[start]:
+            span = f"{start}" if i - 1 == start else f"{start}-{i - 1}"
+            parts.append(f"{span}: {values[start]}")
+            start = i
+    return ("layers " + ", ".join(parts)) if parts else "-"
+
+
+def _round(value: Any, digits: int = 4) -> Any:
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, (list, tuple)):
+        return [_round(v, digits) for v in value]
+    return value
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    console = Console()
+    cfg = _run_config(args)  # fails fast, before any model is loaded
+
+    import torch
+
+    import vflowopt
+    from vflowopt.tiny import build_inputs, tiny_llava_onevision
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda was asked for, but torch sees no CUDA device")
+    image = _load_image(args.image)
+    random_weights = args.model is None
+    if random_weights:
+        _note(
+            "Using the bundled tiny RANDOMLY INITIALISED model: its answers are meaningless; it "
+            "demonstrates the pruning mechanics only. Pass --model DIR for a real model.",
+            args, console, style="bold yellow",
+        )
+        model, processor = tiny_llava_onevision()
+        model_name = TINY_MODEL_NAME
+    else:
+        model, processor = _load_model(args.model)
+        model_name = args.model
+    if args.image is None:
+        _note(f"No --image given: using the bundled example picture ({EXAMPLE_IMAGE}).", args, console)
+    model.to(args.device)
+
+    try:
+        inputs = build_inputs(processor, [image], [args.prompt]).to(args.device)
+    except Exception as exc:  # noqa: BLE001 - a processor that cannot format this prompt
+        raise CLIError(f"the processor could not prepare the prompt and image: {_one_line(exc)}") from None
+    prompt_len = int(inputs["input_ids"].shape[1])
+
+    try:
+        handle = vflowopt.prune(model, cfg)
+    except vflowopt.ConfigError as exc:
+        raise CLIError(str(exc)) from None
+    try:
+        try:
+            # Generation first: it also warms up, so the prefill timed below excludes one-time costs.
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+            _sync(args.device)
+            generate_ms = 1000.0 * (time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                model(**inputs, logits_to_keep=1)
+            _sync(args.device)
+            prefill_ms = 1000.0 * (time.perf_counter() - t0)
+        except vflowopt.ConfigError as exc:
+            raise CLIError(str(exc)) from None
+        except vflowopt.PruningError as exc:
+            raise CLIError(str(exc), code=1) from None
+        stats = handle.stats
+        resolved = handle.config
+    finally:
+        handle.remove()
+
+    new_tokens = out[0, prompt_len:]
+    answer = processor.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+    strategy = {k: _round(v) for k, v in resolved.to_dict().items() if k != "schema_version"}
+    report = {
+        "model": model_name,
+        "model_class": type(model).__name__,
+        "random_weights": random_weights,
+        "image": args.image if args.image is not None else EXAMPLE_IMAGE,
+        "prompt": args.prompt,
+        "answer": answer,
+        "new_tokens": int(new_tokens.numel()),
+        "method": resolved.method,
+        "budget": _round(resolved.budget),
+        "strategy": strategy,
+        "visual_tokens": stats.visual_tokens,
+        "stages": [{"stage": name, "visual_tokens_kept": n} for name, n in stats.stages],
+        "recycled_tokens": stats.recycled_tokens,
+        "prompt_tokens": stats.prompt_tokens,
+        "tokens_into_llm": stats.tokens_into_llm,
+        "visual_tokens_per_layer": list(stats.visual_tokens_per_layer),
+        "kv_tokens_per_layer": list(stats.kv_tokens_per_layer),
+        "mean_retention": _round(stats.mean_retention),
+        "prefill_ms": _round(prefill_ms, 2),
+        "pruning_ms": _round(stats.pruning_ms, 2),
+        "generate_ms": _round(generate_ms, 2),
+        "device": args.device,
+    }
+    if args.json:
+        print(json.dumps(report))
+    else:
+        _print_report(console, report, stats)
+    return 0
+
+
+def _print_report(console, report: dict, stats) -> None:
+    from rich.markup import escape
+    from rich.panel import Panel
+    from rich.table import Table
+
+    answer = report["answer"] or "(empty)"
+    title = "Answer (random weights: meaningless)" if report["random_weights"] else "Answer"
+    console.print(Panel(escape(answer), title=title, title_align="left", expand=False))
+
+    s = report["strategy"]
+    n_vis = report["visual_tokens"]
+    table = Table(title="What pruning did", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("model", escape(f"{report['model']} ({report['model_class']})"))
+    table.add_row("method / budget", f"{report['method']} / {report['budget']}")
+    if "retention" in s:
+        table.add_row("retention R1, R2, R3", ", ".join(f"{r:.4g}" for r in s["retention"]))
+    for key, label in (("stage_layers", "stage layers"), ("threshold", "threshold t"),
+                       ("entropy_weight", "entropy weight α"), ("grid_size", "grid size a"),
+                       ("positions", "positions")):
+        if key in s:
+            value = s[key]
+            table.add_row(label, ", ".join(map(str, value)) if isinstance(value, list) else str(value))
+    table.add_row("visual tokens produced", str(n_vis))
+    if stats.stages:
+        table.add_row("visual tokens kept", ", ".join(f"{name}: {n}" for name, n in stats.stages))
+        table.add_row("  of which recycled", str(report["recycled_tokens"]))
+    table.add_row("tokens into the LLM", f"{report['tokens_into_llm']} of {report['prompt_tokens']} prompt tokens")
+    table.add_row("KV tokens per layer", _layer_ranges(report["kv_tokens_per_layer"]))
+    table.add_row("mean retention", f"{report['mean_retention']:.4f}")
+    table.add_row("prefill", f"{report['prefill_ms']:.1f} ms")
+    table.add_row("pruning overhead", f"{report['pruning_ms']:.1f} ms (within the prefill)")
+    table.add_row("generation", f"{report['generate_ms']:.1f} ms for {report['new_tokens']} new tokens")
+    console.print(table)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
