@@ -128,7 +128,8 @@ def test_unsupported_family_names_the_supported_ones():
 
     model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=2, num_key_value_heads=2, vocab_size=50))
-    with pytest.raises(vflowopt.ConfigError, match="supported families: llava, llava_onevision"):
+    supported = "llava, llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl"
+    with pytest.raises(vflowopt.ConfigError, match=f"supported families: {supported}"):
         vflowopt.prune(model, vflowopt.VFlowOptConfig(budget=0.5))
     assert all_hooks(model) == 0
 

@@ -146,6 +146,23 @@ class ModelAdapter:
         return layer % n
 
     # -- per forward -------------------------------------------------------------------------
+    @property
+    def min_llm_prune_layer(self) -> int:
+        """The first LLM layer at whose input tokens may be pruned (later for Qwen3-VL's deepstack)."""
+        return 0
+
+    def on_vision_input(self, args: tuple, kwargs: dict) -> None:
+        """Called with the vision tower's forward inputs before each vision pass (e.g. to record
+        Qwen's `grid_thw`, needed to split and order its flattened patches)."""
+
+    def slice_llm_inputs(self, kwargs: dict, keep: torch.Tensor) -> None:
+        """Slice, in place, family-specific language-model inputs indexed by sequence position when
+        only the prompt tokens `keep` (B, S) enter the LLM (e.g. Qwen3-VL's deepstack inputs)."""
+
+    def rotary_positions(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """The rows of the language model's `position_ids` that feed its rotary embedding."""
+        return position_ids
+
     def layout(self, image_mask: torch.Tensor, forward_kwargs: dict, n_crops: int) -> TokenLayout:
         """The visual tokens of a prefill; `image_mask` (B, L) marks image placeholder tokens and
         `forward_kwargs` are the base model's forward kwargs (image_sizes, ...)."""
@@ -161,7 +178,7 @@ def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
 
 
 def supported_families() -> list[str]:
-    from . import llava, llava_onevision  # noqa: F401  (registration)
+    from . import llava, llava_next, llava_onevision, qwen2_5_vl, qwen2_vl, qwen3_vl  # noqa: F401  (registration)
 
     return [a.family for a in _ADAPTERS]
 

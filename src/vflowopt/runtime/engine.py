@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from ..errors import PruningError
+from ..errors import ConfigError, PruningError
 from ..methods.base import PrefillContext, PruningMethod
 from ..models.base import FeatureCountMismatch, ModelAdapter, TokenLayout, VisualTokens, image_mask_from
 from .sequence import complement_keep, gather_mask, gather_seq, positions_after_drop
@@ -42,6 +42,8 @@ class _Plan:
     stages: list[_Stage]
     shift: int  # L0 - S1, subtracted from positions in compact mode
     cache: weakref.ref | None = None
+    # (B|1,) first position after the prompt in full-sequence coordinates (max rotary position + 1)
+    next_pos: torch.Tensor | None = None
 
 
 @dataclass
@@ -72,6 +74,12 @@ class PruningEngine:
         self._run: _Run | None = None
         self._prune_layers = set(method.llm_layers)
         self._first_layer = min(method.llm_layers) if method.llm_layers else None
+        if self._first_layer is not None and self._first_layer < adapter.min_llm_prune_layer:
+            raise ConfigError(
+                f"this {adapter.family} model can prune inside the LLM only from layer "
+                f"{adapter.min_llm_prune_layer} on (earlier layers still add visual features at the image "
+                f"positions); got pruning layers {sorted(method.llm_layers)}"
+            )
         self._vision_s = 0.0
         self._image_kwargs: dict = {}
         self._unwrap = None
@@ -148,12 +156,32 @@ class PruningEngine:
             "kwargs": {k: kwargs.get(k) if kwargs.get(k) is not None else captured.get(k)
                        for k in self.adapter.image_kwargs},
         }
+        return self._decode_positions(input_ids, args, kwargs)
+
+    def _decode_positions(self, input_ids, args: tuple, kwargs: dict):
+        """A decode step on a pruned cache without `position_ids` (a manual loop): the model would
+        derive positions from the shorter cache (Qwen-VL: cache length + rope_deltas); give it the
+        full-sequence positions instead, as generate() does."""
+        plan = self._plan
+        past = kwargs.get("past_key_values")
+        if (self.compact or plan is None or plan.next_pos is None or past is None or plan.cache is None
+                or plan.cache() is not past or kwargs.get("position_ids") is not None):
+            return None
+        past_len = past.get_seq_length()
+        ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        if past_len == 0 or ref is None:
+            return None
+        b, q = ref.shape[0], ref.shape[1]
+        start = plan.next_pos.to(ref.device) + (past_len - plan.llm_len)
+        kwargs["position_ids"] = (start.view(-1, 1) + torch.arange(q, device=ref.device)).expand(b, q)
+        return args, kwargs
 
     def _on_vision_pre(self, module, args, kwargs):
         pixel_values = kwargs.get("pixel_values", args[0] if args else None)
         self.method.reset()
         self._vision_s = 0.0
         self._n_crops = int(pixel_values.shape[0])
+        self.adapter.on_vision_input(args, kwargs)
         if self.method.needs_pixels:
             t0 = time.perf_counter()
             self.method.on_pixels(pixel_values)
@@ -231,12 +259,16 @@ class PruningEngine:
         n_vis = int(tokens.prunable[0].sum())
         kept_vis = int((keep_vis & tokens.prunable)[0].sum())
         keep1 = None
+        full_pos = kwargs.get("position_ids")
+        if full_pos is None:
+            full_pos = torch.arange(l0, device=embeds.device).view(1, l0)
+        next_pos = self.adapter.rotary_positions(full_pos).amax(-1)
+        while next_pos.dim() > 1:
+            next_pos = next_pos.amax(0)
         if bool(drop.any()):
             keep1 = complement_keep(l0, drop, b)
             kwargs["inputs_embeds"] = gather_seq(new_embeds, keep1, 1)
-            pos = kwargs.get("position_ids")
-            if pos is None:
-                pos = torch.arange(l0, device=embeds.device).view(1, l0)
+            pos = full_pos
             kwargs["position_ids"] = positions_after_drop(pos, keep1) if self.compact else gather_seq(
                 pos, keep1, -1, batch_dim=-2
             )
@@ -253,6 +285,7 @@ class PruningEngine:
                 kwargs["attention_mask"] = gather_seq(mask, keep1, 1)
             else:
                 kwargs["attention_mask"] = gather_mask(mask, keep1, keep1)
+            self.adapter.slice_llm_inputs(kwargs, keep1)
         s1 = keep1.shape[1] if keep1 is not None else l0
 
         ids = keep_vis.nonzero()[:, 1].view(b, -1)
@@ -261,7 +294,8 @@ class PruningEngine:
             inv = torch.full((b, l0), -1, dtype=torch.long, device=embeds.device)
             inv.scatter_(1, keep1, torch.arange(s1, device=embeds.device).expand(b, s1))
             pos_full = torch.gather(inv, 1, pos_full)
-        plan = _Plan(prompt_len=l0, llm_len=s1, keep1=keep1, stages=[_Stage(0, None, kept_vis)], shift=l0 - s1)
+        plan = _Plan(prompt_len=l0, llm_len=s1, keep1=keep1, stages=[_Stage(0, None, kept_vis)], shift=l0 - s1,
+                     next_pos=next_pos + 1)
         self._run = _Run(prefill=True, plan=plan, ctx=ctx, cur_ids=ids, cur_pos=pos_full, cur_len=s1)
         self._run.pruning_s = self._vision_s + time.perf_counter() - t0
         self.stats = PruneStats(
