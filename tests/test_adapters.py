@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from conftest import one_image_inputs
 
+from conftest import one_image_inputs
 from vflowopt.models.base import adapter_for
 from vflowopt.tiny import build_inputs, example_image
 

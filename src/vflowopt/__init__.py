@@ -5,6 +5,7 @@ from .config import ConfigError, PruneConfig, available_methods, config_for, loa
 from .errors import PruningError
 from .methods.vflowopt import VFlowOptConfig
 from .runtime.stats import PruneStats
+from .search import optimize
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,7 @@ __all__ = [
     "available_methods",
     "config_for",
     "load_config",
+    "optimize",
     "prune",
     "pruned",
     "unprune",

@@ -95,7 +95,7 @@ def check_fraction(name: str, value: Any, *, allow_zero: bool = True) -> None:
 
 
 def register_method(name: str, config_cls: type[PruneConfig], method_cls: type) -> None:
-    """Adds a method to the registry; adding a method = one file in methods/ + one call here."""
+    """Adds a method to the registry; each file in methods/ calls it once for its own method."""
     config_cls.method = name
     _REGISTRY[name] = (config_cls, method_cls)
 

@@ -1,8 +1,14 @@
-"""Pruning methods, one file each; importing this package registers them by name."""
+"""Pruning methods, one file each. Every module here registers its method at import (a
+`register_method(name, ConfigClass, MethodClass)` call at its end); this package imports them all, so
+adding a method is adding one file."""
 
-from ..config import register_method
+import importlib
+import pkgutil
+
 from .vflowopt import VFlowOptConfig, VFlowOptMethod
 
-register_method("vflowopt", VFlowOptConfig, VFlowOptMethod)
+for _info in pkgutil.iter_modules(__path__):
+    if _info.name != "base":
+        importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = ["VFlowOptConfig", "VFlowOptMethod"]

@@ -23,8 +23,15 @@ class PrefillContext:
     features: torch.Tensor
     # (B, L) bool, image placeholders of the full prompt.
     image_mask: torch.Tensor
+    # (B, L, D) the full prompt's input embeddings as they enter the LLM (text tokens included).
+    embeds: torch.Tensor | None = None
     # Method-owned scratch space for this prefill (e.g. the importance map).
     scratch: dict = field(default_factory=dict)
+    # Kept up to date by the runtime as stages prune: the visual tokens still present, as indices into
+    # Nv (B, n), and their positions in the current sequence (B, n); the current sequence length.
+    visual_ids: torch.Tensor | None = None
+    visual_pos: torch.Tensor | None = None
+    seq_len: int = 0
 
 
 @dataclass
@@ -49,6 +56,7 @@ class PruningMethod:
     vision_attention_layer: int | None = None  # ViT layer whose attention rows the method needs
     needs_pixels: bool = False  # receive the vision tower's pixel_values
     llm_layers: tuple[int, ...] = ()  # LLM layers at whose input the method prunes
+    llm_attention_layers: tuple[int, ...] = ()  # LLM layers whose attention call the method reads
 
     @property
     def prunes_before_llm(self) -> bool:
@@ -59,6 +67,12 @@ class PruningMethod:
 
     def on_vision_attention(self, probs: torch.Tensor) -> None:
         """Called with head-averaged (n_crops, N, N) attention of `vision_attention_layer`."""
+
+    def on_llm_attention(self, ctx: PrefillContext, layer: int, query: torch.Tensor, key: torch.Tensor,
+                         value: torch.Tensor, mask: torch.Tensor | None, scaling: float | None) -> None:
+        """Called at prefill inside the attention of each layer in `llm_attention_layers`, with the
+        post-RoPE query (B, H, S, d), key and value (B, Hkv, S, d) and the mask the layer uses; see
+        `signals.llm_attention.attention_rows` to turn them into attention rows."""
 
     def before_llm(self, ctx: PrefillContext) -> Selection:
         """Selection on the projected features; the default keeps everything."""

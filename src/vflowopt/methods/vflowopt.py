@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..budget import check_stage_layers, default_stage_layers, keep_count, solve_r3, three_stage_mean
-from ..config import ConfigError, PruneConfig, check_fraction
+from ..config import ConfigError, PruneConfig, check_fraction, register_method
 from ..models.base import ModelAdapter
 from ..runtime.recycle import grid_cells, select_with_recycling
 from .base import PrefillContext, PruningMethod, Selection, topk_per_group
@@ -79,11 +79,69 @@ class VFlowOptConfig(PruneConfig):
         if self.stage_layers is not None and len(self.stage_layers) != 2:
             raise ConfigError(f"stage_layers must be two LLM layer indices, got {self.stage_layers!r}")
 
+    @classmethod
+    def search_space(cls, budget: float, num_layers: int, *, stage_layers: tuple[int, int] | None = None,
+                     grid_side: int | None = None):
+        """The box `vflowopt.optimize` searches (paper 3.3 / Algorithm 1), derived from the budget B
+        and the model; R3 is not searched but solved from the budget constraint.
+
+        R1 ∈ [B, min(1, 1.5B)] (the official pattern). R2 ∈ [R2_lo, 1], where R2_lo is the smallest
+        R2 that meets the budget with R3 <= 1 at the midpoint of the R1 range,
+        R2_lo = (B·L/R1_mid − L1)/(L2 + L3) (0.705 for the official 9/9/10 split, vs the official
+        fixed 0.533): about 76% of the (R1, R2) box is then feasible instead of about 60%, and every
+        shipped official strategy lies inside it. t ∈ [0, min(50, N)] with N the ViT tokens of one
+        grid (t >= N would leave the calibration set K empty). a ∈ [s/9, 8s/9] (at least 1) for a
+        token grid of side s, i.e. the official [3, 24] on SigLIP's 27×27 grid. α ∈ [−1, 1].
+        A point whose solved R3 falls outside [0, 1] is infeasible (violation = distance outside).
+        """
+        from ..search.space import Candidate, Dim, SearchSpace
+
+        check_fraction("budget", budget, allow_zero=False)
+        stages = check_stage_layers(stage_layers or default_stage_layers(num_layers), num_layers)
+        if len(stages) != 2:
+            raise ConfigError(f"VFlowOpt needs two in-LLM stage layers, got {stages}")
+        k1, k2 = stages
+        l1, l23 = k1, num_layers - k1
+        r1_lo, r1_hi = float(budget), min(1.0, 1.5 * budget)
+
+        def r2_min(r1: float) -> float:  # smallest R2 with R3 <= 1 at this R1
+            return (budget * num_layers / r1 - l1) / l23
+
+        r2_lo = min(1.0, max(0.0, r2_min(r1_hi), r2_min(0.5 * (r1_lo + r1_hi))))
+        t_hi = 50.0 if grid_side is None else float(min(50, grid_side * grid_side))
+        a_lo, a_hi = (3.0, 24.0) if grid_side is None else (max(1.0, grid_side / 9), max(1.0, 8 * grid_side / 9))
+        dims = (
+            Dim("R1", r1_lo, r1_hi, help="fraction of the visual tokens kept before the LLM"),
+            Dim("R2", r2_lo, 1.0, help=f"fraction of those kept from LLM layer {k1}"),
+            Dim("t", 0.0, t_hi, help="threshold sensitivity of the calibration set K"),
+            Dim("alpha", -1.0, 1.0, help="entropy weight α"),
+            Dim("a", a_lo, a_hi, help="recycling grid cell side, in tokens"),
+        )
+
+        def build(p) -> Candidate:
+            r1, r2 = float(p["R1"]), float(p["R2"])
+            r3 = solve_r3(budget, r1, r2, stages, num_layers)
+            violation = max(r3 - 1.0, -r3) if math.isfinite(r3) else 1e3
+            fields = {"retention": (r1, r2, r3), "threshold": float(p["t"]), "entropy_weight": float(p["alpha"]),
+                      "grid_size": float(p["a"]), "stage_layers": stages}
+            return Candidate(fields=fields, violation=violation, info={"R3": r3})
+
+        return SearchSpace(
+            method=cls.method or "vflowopt", budget=float(budget), dims=dims, build=build,
+            description=f"R3 solved from the budget over stage layers {stages} of {num_layers}",
+        )
+
     def resolve(self, adapter: ModelAdapter) -> VFlowOptConfig:
         """The full strategy for this model: every field explicit, budget constraint checked."""
         self.validate()
         n_layers = adapter.num_llm_layers
         stages = check_stage_layers(self.stage_layers or default_stage_layers(n_layers), n_layers)
+        if stages and stages[0] < adapter.min_llm_prune_layer:
+            # Qwen3-VL adds deepstack features in its first layers: in-LLM stages must come after them.
+            raise ConfigError(
+                f"stage_layers {stages}: this {adapter.family} model can prune inside the LLM only from layer "
+                f"{adapter.min_llm_prune_layer} on (earlier layers still add visual features at the image positions)"
+            )
         if len(stages) != 2:
             raise ConfigError(f"VFlowOpt needs two in-LLM stage layers, got {stages}")
         vision_layer = adapter.check_vision_layer(
@@ -221,3 +279,6 @@ class VFlowOptMethod(PruningMethod):
             for g in image[b].unique().tolist()
         }
         return topk_per_group(scores, image, prunable, counts)
+
+
+register_method("vflowopt", VFlowOptConfig, VFlowOptMethod)

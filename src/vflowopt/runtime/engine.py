@@ -21,6 +21,7 @@ from transformers import DynamicCache
 from ..errors import ConfigError, PruningError
 from ..methods.base import PrefillContext, PruningMethod
 from ..models.base import FeatureCountMismatch, ModelAdapter, TokenLayout, VisualTokens, image_mask_from
+from ..signals.llm_attention import tap_attention
 from .sequence import complement_keep, gather_mask, gather_seq, positions_after_drop
 from .stats import PruneStats
 
@@ -83,6 +84,11 @@ class PruningEngine:
         self._vision_s = 0.0
         self._image_kwargs: dict = {}
         self._unwrap = None
+        self._untaps: list = []
+        n_llm = adapter.num_llm_layers
+        bad = [i for i in (*method.llm_layers, *method.llm_attention_layers) if not 0 <= i < n_llm]
+        if bad:
+            raise ConfigError(f"LLM layer indices {bad} are outside this model's {n_llm} decoder layers")
 
     # -- installation --------------------------------------------------------------------------
     def attach(self) -> None:
@@ -99,6 +105,8 @@ class PruningEngine:
             if self._first_layer is not None:
                 for i in range(self._first_layer, a.num_llm_layers):
                     self._hook(a.decoder_layers[i], self._layer_hook(i), pre=True)
+            for i in self.method.llm_attention_layers:
+                self._untaps.append(tap_attention(a.decoder_layers[i].self_attn, self._attention_tap(i)))
         except BaseException:
             self.detach()
             raise
@@ -110,6 +118,9 @@ class PruningEngine:
         if self._unwrap is not None:
             self._unwrap()
             self._unwrap = None
+        for untap in self._untaps:
+            untap()
+        self._untaps.clear()
         self._fwd = self._plan = self._run = None
         self.method.reset()
 
@@ -242,7 +253,7 @@ class PruningEngine:
         layout = self._layout(image_mask, fwd_kwargs)
         tokens = layout.tokens
         features = gather_seq(embeds, tokens.seq_index, 1)
-        ctx = PrefillContext(layout=layout, features=features, image_mask=image_mask)
+        ctx = PrefillContext(layout=layout, features=features, image_mask=image_mask, embeds=embeds)
         sel = self.method.before_llm(ctx)
         keep_vis = sel.keep | ~tokens.prunable
         drop = torch.zeros(b, l0, dtype=torch.bool, device=embeds.device)
@@ -363,6 +374,22 @@ class PruningEngine:
         self.method.reset()
         return None
 
+    def _attention_tap(self, layer: int):
+        def tap(module, query, key, value, mask, scaling):
+            run = self._run
+            if run is None or not run.prefill:
+                return
+            t0 = time.perf_counter()
+            self._sync_ctx(run)
+            self.method.on_llm_attention(run.ctx, layer, query, key, value, mask, scaling)
+            run.pruning_s += time.perf_counter() - t0
+
+        return tap
+
+    @staticmethod
+    def _sync_ctx(run: _Run) -> None:
+        run.ctx.visual_ids, run.ctx.visual_pos, run.ctx.seq_len = run.cur_ids, run.cur_pos, run.cur_len
+
     # -- decoder layers -------------------------------------------------------------------------------
     def _layer_hook(self, layer: int):
         def hook(module, args, kwargs):
@@ -382,6 +409,7 @@ class PruningEngine:
             hidden = args[0] if args else kwargs["hidden_states"]
             b = hidden.shape[0]
             prunable = torch.gather(run.ctx.layout.tokens.prunable, 1, run.cur_ids)
+            self._sync_ctx(run)
             keep = self.method.at_layer(run.ctx, layer, run.cur_ids, hidden) | ~prunable
             visual = int((keep & prunable)[0].sum())
             if not bool(keep.all()):
