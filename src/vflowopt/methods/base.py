@@ -79,8 +79,10 @@ class PruningMethod:
         return Selection(keep=torch.ones_like(ctx.layout.tokens.prunable))
 
     def at_layer(self, ctx: PrefillContext, layer: int, current: torch.Tensor,
-                 hidden_states: torch.Tensor) -> torch.Tensor:
-        """Keep mask (B, n) over the visual tokens still present (`current` indexes Nv)."""
+                 hidden_states: torch.Tensor) -> torch.Tensor | Selection:
+        """Keep mask (B, n) over the visual tokens still present (`current` indexes Nv, ctx.visual_pos
+        gives their rows in `hidden_states`); or a Selection over those n tokens whose `features`
+        (B, n, D) replace the hidden states of the `replaced` ones (merged tokens, e.g. SparseVLM)."""
         return torch.ones_like(current, dtype=torch.bool)
 
     def reset(self) -> None:

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..errors import ConfigError, PruningError
-from ..methods.base import PrefillContext, PruningMethod
+from ..methods.base import PrefillContext, PruningMethod, Selection
 from ..models.base import FeatureCountMismatch, ModelAdapter, TokenLayout, VisualTokens, image_mask_from
 from ..signals.llm_attention import tap_attention
 from .sequence import complement_keep, gather_mask, gather_seq, positions_after_drop
@@ -410,7 +410,21 @@ class PruningEngine:
             b = hidden.shape[0]
             prunable = torch.gather(run.ctx.layout.tokens.prunable, 1, run.cur_ids)
             self._sync_ctx(run)
-            keep = self.method.at_layer(run.ctx, layer, run.cur_ids, hidden) | ~prunable
+            decision = self.method.at_layer(run.ctx, layer, run.cur_ids, hidden)
+            if isinstance(decision, Selection):  # some kept rows carry new hidden states (merged tokens)
+                keep = decision.keep | ~prunable
+                if decision.replaced is not None and bool(decision.replaced.any()):
+                    rep = decision.replaced & keep
+                    b_idx, v_idx = rep.nonzero(as_tuple=True)
+                    hidden = hidden.clone()
+                    hidden[b_idx, run.cur_pos[b_idx, v_idx]] = decision.features[b_idx, v_idx].to(hidden.dtype)
+                    if args:
+                        args = (hidden, *args[1:])
+                    else:
+                        kwargs["hidden_states"] = hidden
+                    self.stats.recycled_tokens += int(rep[0].sum())
+            else:
+                keep = decision | ~prunable
             visual = int((keep & prunable)[0].sum())
             if not bool(keep.all()):
                 drop = torch.zeros(b, run.cur_len, dtype=torch.bool, device=hidden.device)
