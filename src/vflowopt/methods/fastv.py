@@ -1,0 +1,229 @@
+"""FastV (Chen et al., ECCV 2024): one in-LLM cut ranked by the last prompt token's attention.
+
+At the input of LLM layer K (default 2) keep, per image, the visual tokens that the last token of the
+prompt attended to most at layer K−1 (heads averaged). The attention row is computed on the side from
+the post-RoPE query/key that layer K−1's own attention call receives (`signals.llm_attention`), so
+the model keeps its attention implementation (sdpa) and no layer runs twice.
+
+Budget (the library's unit, the mean visual-token retention over the L LLM layers): every visual
+token is present in layers 0..K−1, so to spend a budget B the cut keeps r = (B·L − K)/(L − K) of each
+image's visual tokens from layer K on (rounded per image). A budget below K/L is refused. The paper's
+R is the fraction *dropped*; `keep_ratio` = 1 − R may be given instead of the budget, which is then
+derived as (K + keep_ratio·(L − K))/L.
+
+"Last prompt token": position `seq_len − 1` of the prefill, which is the last real token of every
+sample under left padding (right-padded prompts are not supported by this choice). A forward without
+cache over prompt + generated tokens has a different last token and so selects differently: for this
+method (and PDrop, SparseVLM) "decoding equals a no-cache forward" does not hold; decoding reuses the
+caches pruned at prefill, as the official KV-cache path does.
+
+This module also holds the helpers the other LLM-attention baselines (pdrop, sparsevlm) share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..budget import keep_count
+from ..config import ConfigError, PruneConfig, check_fraction, register_method
+from ..errors import PruningError
+from ..models.base import ModelAdapter, VisualTokens
+from ..signals.llm_attention import attention_rows
+from .base import PrefillContext, PruningMethod, topk_per_group
+
+DEFAULT_LAYER = 2  # the paper's K
+
+
+# -- helpers shared by the LLM-attention baselines ------------------------------------------------------
+def last_token_scores(query: torch.Tensor, key: torch.Tensor, visual_pos: torch.Tensor, seq_len: int,
+                      scaling: float | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Head-averaged attention of the last position (`seq_len − 1`) to the visual tokens at rows
+    `visual_pos` (B, n) of the current sequence: (B, n). query (B, H, S, d), key (B, Hkv, S, d)."""
+    b = query.shape[0]
+    rows = torch.full((b, 1), seq_len - 1, dtype=torch.long, device=query.device)
+    probs = attention_rows(query, key, rows, scaling, mask)[:, 0]  # (B, K)
+    return torch.gather(probs, 1, visual_pos.to(probs.device))
+
+
+def image_counts(tokens: VisualTokens, current: torch.Tensor, fraction: float) -> dict[tuple[int, int], int]:
+    """{(sample, image): tokens to keep} = round(fraction · that image's prunable visual tokens as
+    produced), for the images present in `current` (B, n). Counting from the original count at every
+    stage keeps the realised mean within one token per stage of the schedule."""
+    image = torch.gather(tokens.image, 1, current)
+    counts = {}
+    for b in range(current.shape[0]):
+        for g in image[b].unique().tolist():
+            n = int((tokens.prunable[b] & (tokens.image[b] == g)).sum())
+            counts[(b, g)] = keep_count(n, fraction)
+    return counts
+
+
+def keep_top_per_image(scores: torch.Tensor, tokens: VisualTokens, current: torch.Tensor,
+                       fraction: float) -> torch.Tensor:
+    """Keep mask (B, n) over the tokens `current`: each image keeps its `fraction` of its own visual
+    tokens, the highest `scores` first; non-prunable tokens (newline, CLS) are never candidates."""
+    prunable = torch.gather(tokens.prunable, 1, current)
+    image = torch.gather(tokens.image, 1, current)
+    return topk_per_group(scores, image, prunable, image_counts(tokens, current, fraction))
+
+
+def check_prune_layers(name: str, layers: tuple[int, ...], adapter: ModelAdapter) -> tuple[int, ...]:
+    """Pruning layers scored from the attention of the layer before them: integers, strictly
+    increasing, in [max(1, adapter.min_llm_prune_layer), L − 1]; a ConfigError says which rule failed."""
+    n_layers = adapter.num_llm_layers
+    if not layers or not all(isinstance(k, int) and not isinstance(k, bool) for k in layers):
+        raise ConfigError(f"{name} must be LLM layer indices (integers), got {layers!r}")
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise ConfigError(f"{name} must be strictly increasing, got {layers}")
+    if layers[0] < adapter.min_llm_prune_layer:
+        raise ConfigError(
+            f"{name} {layers}: this {adapter.family} model can prune inside the LLM only from layer "
+            f"{adapter.min_llm_prune_layer} on (earlier layers still add visual features at the image positions)"
+        )
+    if layers[0] < 1 or layers[-1] >= n_layers:
+        raise ConfigError(
+            f"{name} {layers} must lie in [1, {n_layers - 1}] for this model, whose LLM has {n_layers} decoder "
+            "layers (layer 0 has no earlier layer to score with)"
+        )
+    return layers
+
+
+def shift_defaults(layers: tuple[int, ...], first: int, n_layers: int) -> tuple[int, ...]:
+    """Default layers moved up so they start at `first` or later and stay strictly increasing."""
+    out: list[int] = []
+    for k in layers:
+        k = max(int(k), first, out[-1] + 1 if out else first)
+        out.append(k)
+    if out[-1] >= n_layers:
+        raise ConfigError(
+            f"this model's LLM has {n_layers} layers, too few for {len(layers)} pruning stage(s) starting at "
+            f"layer {first}; pass fewer or explicit stage layers"
+        )
+    return tuple(out)
+
+
+def take_scores(store: dict[int, torch.Tensor], layer: int, current: torch.Tensor, method: str) -> torch.Tensor:
+    scores = store.pop(layer, None)
+    if scores is None or scores.shape != current.shape:
+        raise PruningError(
+            f"{method}: no attention scores were captured at LLM layer {layer - 1} for this prefill (the "
+            "forward must run the decoder layers of the language model in order)"
+        )
+    return scores
+
+
+def check_layer_int(name: str, value) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ConfigError(f"{name} must be an integer LLM layer index, got {value!r}")
+
+
+# -- FastV ----------------------------------------------------------------------------------------------
+def fastv_keep_ratio(budget: float, layer: int, num_layers: int) -> float:
+    """r = (B·L − K)/(L − K): the fraction kept from layer K on that gives a mean retention B."""
+    r = (budget * num_layers - layer) / (num_layers - layer)
+    if r < -1e-9:
+        raise ConfigError(
+            f"FastV keeps every visual token in layers 0..{layer - 1}, i.e. {layer}/{num_layers} = "
+            f"{layer / num_layers:.4f} of the mean retention already; budget {budget} is below that. Use a "
+            f"budget >= {layer / num_layers:.4f} or an earlier layer (K <= {int(budget * num_layers)})"
+        )
+    return min(1.0, max(0.0, r))
+
+
+def fastv_budget(keep_ratio: float, layer: int, num_layers: int) -> float:
+    return (layer + keep_ratio * (num_layers - layer)) / num_layers
+
+
+@dataclass
+class FastVConfig(PruneConfig):
+    """FastV. `budget` (mean visual retention over the LLM layers) or `keep_ratio` (the fraction of
+    each image's visual tokens kept from `layer` on, 1 − the paper's R); `layer`: K, the LLM layer at
+    whose input tokens are dropped, scored with layer K−1's attention (default 2, or the model's first
+    allowed pruning layer if later, e.g. Qwen3-VL's deepstack)."""
+
+    budget: float | None = None
+    layer: int | None = None
+    keep_ratio: float | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.budget is None and self.keep_ratio is None:
+            raise ConfigError("FastVConfig needs a budget in (0, 1] or an explicit keep_ratio in [0, 1]")
+        if self.keep_ratio is not None:
+            check_fraction("keep_ratio", self.keep_ratio)
+        check_layer_int("layer (K)", self.layer)
+        if self.layer is not None and self.layer < 1:
+            raise ConfigError(f"layer (K) must be >= 1 (scores come from layer K-1), got {self.layer}")
+
+    @classmethod
+    def search_space(cls, budget: float, num_layers: int, *, stage_layers=None, grid_side=None):
+        """One integer dimension, K ∈ [1, min(L − 1, ⌊B·L⌋)] (beyond ⌊B·L⌋ the budget is spent before
+        the cut); the kept fraction is solved from the budget. On a model with a later first pruning
+        layer (Qwen3-VL) narrow the box with `space.with_bounds(K=(first, ...))`."""
+        from ..search.space import Candidate, Dim, SearchSpace
+
+        check_fraction("budget", budget, allow_zero=False)
+        hi = min(num_layers - 1, int(budget * num_layers + 1e-9))
+        if hi < 1:
+            raise ConfigError(f"FastV cannot meet budget {budget} on {num_layers} layers with any K >= 1")
+
+        def build(p) -> Candidate:
+            k = int(round(p["K"]))
+            r = (budget * num_layers - k) / (num_layers - k)
+            return Candidate(fields={"layer": k}, violation=-r, info={"keep_ratio": r})
+
+        return SearchSpace(
+            method=cls.method or "fastv", budget=float(budget),
+            dims=(Dim("K", 1, hi, integer=True, help="LLM layer at whose input visual tokens are dropped"),),
+            build=build, description="the kept fraction after K is solved from the budget",
+        )
+
+    def resolve(self, adapter: ModelAdapter) -> FastVConfig:
+        self.validate()
+        n_layers = adapter.num_llm_layers
+        layer = self.layer if self.layer is not None else max(DEFAULT_LAYER, adapter.min_llm_prune_layer)
+        check_prune_layers("layer (K)", (layer,), adapter)
+        if self.keep_ratio is None:
+            keep_ratio = fastv_keep_ratio(self.budget, layer, n_layers)
+            budget = self.budget
+        else:
+            keep_ratio = float(self.keep_ratio)
+            budget = fastv_budget(keep_ratio, layer, n_layers)
+            if self.budget is not None and abs(budget - self.budget) > 1e-3:
+                raise ConfigError(
+                    f"keep_ratio {keep_ratio} at layer {layer} of {n_layers} gives a mean retention of "
+                    f"{budget:.4f}, not the budget {self.budget}; give one of budget and keep_ratio"
+                )
+            budget = self.budget if self.budget is not None else budget
+        return replace(self, budget=budget, layer=layer, keep_ratio=keep_ratio, model_family=adapter.family,
+                       num_layers=n_layers)
+
+
+class FastVMethod(PruningMethod):
+    config_cls = FastVConfig
+
+    def __init__(self, config: FastVConfig, adapter: ModelAdapter):
+        super().__init__(config, adapter)
+        self.llm_layers = (config.layer,)
+        self.llm_attention_layers = (config.layer - 1,)
+        self._scores: dict[int, torch.Tensor] = {}
+
+    @property
+    def prunes_before_llm(self) -> bool:
+        return False
+
+    def reset(self) -> None:
+        self._scores = {}
+
+    def on_llm_attention(self, ctx: PrefillContext, layer: int, query, key, value, mask, scaling) -> None:
+        self._scores[layer + 1] = last_token_scores(query, key, ctx.visual_pos, ctx.seq_len, scaling, mask)
+
+    def at_layer(self, ctx: PrefillContext, layer: int, current: torch.Tensor,
+                 hidden_states: torch.Tensor) -> torch.Tensor:
+        scores = take_scores(self._scores, layer, current, "fastv")
+        return keep_top_per_image(scores, ctx.layout.tokens, current, self.config.keep_ratio)
+
+
+register_method("fastv", FastVConfig, FastVMethod)
