@@ -25,6 +25,8 @@ class PrefillContext:
     image_mask: torch.Tensor
     # (B, L, D) the full prompt's input embeddings as they enter the LLM (text tokens included).
     embeds: torch.Tensor | None = None
+    # (B, L) the prompt's 2-D attention mask (1 = real token, 0 = padding), or None when none was given.
+    attention_mask: torch.Tensor | None = None
     # Method-owned scratch space for this prefill (e.g. the importance map).
     scratch: dict = field(default_factory=dict)
     # Kept up to date by the runtime as stages prune: the visual tokens still present, as indices into
@@ -32,6 +34,27 @@ class PrefillContext:
     visual_ids: torch.Tensor | None = None
     visual_pos: torch.Tensor | None = None
     seq_len: int = 0
+    # (B, Nv) bool: the visual tokens that survived pruning inside the vision encoder (None: no V point).
+    vision_kept: torch.Tensor | None = None
+
+
+@dataclass
+class VisionState:
+    """The vision-encoder tokens still present during one vision pass (the V pruning point).
+
+    Batched towers (CLIP, SigLIP: one row per crop): `ids` (n_crops, n) indexes each crop's original
+    ViT sequence (prefix/CLS tokens included, at the front). Flat towers (Qwen-VL: all images in one
+    sequence): `ids` (n,) indexes the original running sequence and `lengths` gives the tokens of each
+    image still present, in order; pruning must keep or drop whole runs of `group` consecutive tokens
+    (one 2×2 merge group = one LLM token). `full` is the original count per crop (batched) or per image.
+    """
+
+    ids: torch.Tensor
+    flat: bool
+    prefix: int = 0
+    group: int = 1
+    lengths: list[int] | None = None
+    full: list[int] | None = None
 
 
 @dataclass
@@ -57,6 +80,8 @@ class PruningMethod:
     needs_pixels: bool = False  # receive the vision tower's pixel_values
     llm_layers: tuple[int, ...] = ()  # LLM layers at whose input the method prunes
     llm_attention_layers: tuple[int, ...] = ()  # LLM layers whose attention call the method reads
+    vision_tap_layers: tuple[int, ...] = ()  # ViT layers whose attention call (q, k, v) the method reads
+    vision_prune_layers: tuple[int, ...] = ()  # ViT layers at whose input the method may drop tokens
 
     @property
     def prunes_before_llm(self) -> bool:
@@ -73,6 +98,18 @@ class PruningMethod:
         """Called at prefill inside the attention of each layer in `llm_attention_layers`, with the
         post-RoPE query (B, H, S, d), key and value (B, Hkv, S, d) and the mask the layer uses; see
         `signals.llm_attention.attention_rows` to turn them into attention rows."""
+
+    def on_vision_qkv(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      state: VisionState) -> None:
+        """Called in each image pass for every layer in `vision_tap_layers` with the query, key and value
+        (n_crops or 1, H, n, d) the layer's attention receives (post-RoPE for Qwen; flat towers give all
+        images concatenated along n, see `state.lengths`)."""
+
+    def at_vision_layer(self, layer: int, state: VisionState) -> torch.Tensor | None:
+        """At the input of each layer in `vision_prune_layers`: a keep mask shaped like `state.ids`
+        (batched: the same count in every row, prefix tokens kept; flat: whole groups), or None to keep
+        all. Dropped tokens never reach the LLM (the runtime drops them before it, see `vision_kept`)."""
+        return None
 
     def before_llm(self, ctx: PrefillContext) -> Selection:
         """Selection on the projected features; the default keeps everything."""

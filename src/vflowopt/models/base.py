@@ -145,6 +145,40 @@ class ModelAdapter:
             )
         return layer % n
 
+    # -- pruning inside the vision encoder (the V point) -----------------------------------------
+    #: True when the ViT runs all images as one flat sequence (Qwen-VL), False for (n_crops, N, D).
+    vit_flat: bool = False
+
+    @property
+    def vit_group(self) -> int:
+        """Consecutive ViT tokens that form one LLM token (the merge group); they are pruned together."""
+        return 1
+
+    def vision_projectors(self) -> list[nn.Module]:
+        """Modules whose input is a ViT hidden state of the current image pass (the projector, Qwen's
+        mergers): after pruning inside the ViT the runtime scatters their input back to full length."""
+        return [self.base.multi_modal_projector]
+
+    def vision_pruning_unsupported(self) -> str | None:
+        """Why tokens cannot be dropped inside this model's vision encoder, or None when they can."""
+        layer = getattr(self.config, "vision_feature_layer", -1)
+        if not isinstance(layer, int):
+            return (f"vision_feature_layer {layer} concatenates several ViT layers; pruning inside the vision "
+                    "encoder needs a single feature layer")
+        return None
+
+    def vit_image_lengths(self) -> list[int] | None:
+        """Flat towers: tokens per image of the last vision pass, in running order."""
+        return None
+
+    def vit_running_maps(self, flat_map: torch.Tensor) -> VitMaps:
+        """Flat towers: a (N,) map in the ViT's running order -> one image-order vector per image."""
+        raise NotImplementedError
+
+    def slice_vision_layer_inputs(self, kwargs: dict, ids: torch.Tensor, cache: dict) -> None:
+        """Slice, in place, a ViT layer's positional inputs to the tokens `ids` still present (Qwen-VL:
+        rotary embeddings and cu_seqlens). CLIP/SigLIP layers have none."""
+
     # -- per forward -------------------------------------------------------------------------
     @property
     def min_llm_prune_layer(self) -> int:

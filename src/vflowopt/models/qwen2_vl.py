@@ -65,6 +65,50 @@ class QwenVLAdapter(ModelAdapter):
             return position_ids[1:]
         return position_ids
 
+    # -- pruning inside the ViT ------------------------------------------------------------------
+    vit_flat = True
+
+    @property
+    def vit_group(self) -> int:
+        return self.merge_size**2
+
+    def vision_projectors(self):
+        return [self.vision_tower.merger]
+
+    def vision_pruning_unsupported(self) -> str | None:
+        return None
+
+    def vit_image_lengths(self) -> list[int]:
+        return self._image_lengths()
+
+    def vit_running_maps(self, flat_map: torch.Tensor) -> list[torch.Tensor]:
+        maps = list(torch.split(flat_map, self._image_lengths()))
+        order = self._image_order()
+        if order is not None:
+            maps = [m[o.to(m.device)] for m, o in zip(maps, order)]
+        return maps
+
+    def slice_vision_layer_inputs(self, kwargs: dict, ids: torch.Tensor, cache: dict) -> None:
+        for name in ("position_embeddings", "cu_seqlens"):
+            value = kwargs.get(name)
+            if value is None:
+                continue
+            key = (name, id(value) if not isinstance(value, tuple) else tuple(map(id, value)))
+            if key not in cache:
+                if name == "position_embeddings":
+                    cache[key] = tuple(t[ids.to(t.device)] for t in value)
+                else:  # segment bounds counted over the kept tokens; emptied segments vanish
+                    bounds = torch.searchsorted(ids.to(value.device), value.to(torch.long))
+                    bounds = torch.unique_consecutive(bounds).to(value.dtype)
+                    cache[key] = bounds
+                    cache[("max", key[1])] = int((bounds[1:] - bounds[:-1]).max()) if bounds.numel() > 1 else 0
+            kwargs[name] = cache[key]
+            if name == "cu_seqlens" and kwargs.get("max_seqlen") is not None:
+                old = kwargs["max_seqlen"]
+                new = cache[("max", key[1])]
+                kwargs["max_seqlen"] = (torch.tensor(new, dtype=old.dtype, device=old.device)
+                                        if torch.is_tensor(old) else new)
+
     # -- vision pass ----------------------------------------------------------------------------
     def on_vision_input(self, args: tuple, kwargs: dict) -> None:
         self._grid_thw = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)

@@ -27,6 +27,10 @@ class Qwen3VLAdapter(QwenVLAdapter):
     def min_llm_prune_layer(self) -> int:
         return len(self.config.vision_config.deepstack_visual_indexes or [])
 
+    def vision_projectors(self):
+        visual = self.vision_tower
+        return [visual.merger, *getattr(visual, "deepstack_merger_list", [])]
+
     def slice_llm_inputs(self, kwargs: dict, keep: torch.Tensor) -> None:
         visual = kwargs.get("visual_pos_masks")
         if visual is None:

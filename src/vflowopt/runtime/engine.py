@@ -19,11 +19,23 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..errors import ConfigError, PruningError
-from ..methods.base import PrefillContext, PruningMethod, Selection
+from ..methods.base import PrefillContext, PruningMethod, Selection, VisionState
 from ..models.base import FeatureCountMismatch, ModelAdapter, TokenLayout, VisualTokens, image_mask_from
 from ..signals.llm_attention import tap_attention
 from .sequence import complement_keep, gather_mask, gather_seq, positions_after_drop
 from .stats import PruneStats
+
+
+@dataclass
+class _VitRun:
+    """One image pass through the vision encoder with tokens dropped inside it (the V point)."""
+
+    state: VisionState | None = None
+    stale: torch.Tensor | None = None  # full-length rows; a dropped row holds its value when dropped
+    pruned: bool = False
+    sliced: dict = field(default_factory=dict)
+    calls: list = field(default_factory=list)  # pending (layer, q, k, v) from the attention taps
+    kept: object = None  # ViT-level keep map (image order, prefix removed), set at the end of the pass
 
 
 @dataclass
@@ -82,9 +94,21 @@ class PruningEngine:
                 f"positions); got pruning layers {sorted(method.llm_layers)}"
             )
         self._vision_s = 0.0
+        self._vit_point = bool(method.vision_prune_layers or method.vision_tap_layers)
+        self._in_images = False
+        self._vit: _VitRun | None = None
         self._image_kwargs: dict = {}
         self._unwrap = None
         self._untaps: list = []
+        if self._vit_point:
+            reason = adapter.vision_pruning_unsupported()
+            if reason is not None:
+                raise ConfigError(f"{type(method).__name__} prunes inside the vision encoder, which this "
+                                  f"{adapter.family} model does not allow: {reason}")
+            n_vit = len(adapter.vision_layers)
+            bad = [i for i in (*method.vision_prune_layers, *method.vision_tap_layers) if not 0 <= i < n_vit]
+            if bad:
+                raise ConfigError(f"vision layer indices {bad} are outside this vision encoder's {n_vit} layers")
         n_llm = adapter.num_llm_layers
         bad = [i for i in (*method.llm_layers, *method.llm_attention_layers) if not 0 <= i < n_llm]
         if bad:
@@ -107,6 +131,13 @@ class PruningEngine:
                     self._hook(a.decoder_layers[i], self._layer_hook(i), pre=True)
             for i in self.method.llm_attention_layers:
                 self._untaps.append(tap_attention(a.decoder_layers[i].self_attn, self._attention_tap(i)))
+            if self._vit_point:
+                for i in self.method.vision_tap_layers:
+                    self._untaps.append(tap_attention(a.vision_attention(i), self._vit_tap(i)))
+                for i, layer in enumerate(a.vision_layers):
+                    self._hook(layer, self._vit_layer_hook(i), pre=True)
+                for module in a.vision_projectors():
+                    self._hook(module, self._on_projector_pre, pre=True)
         except BaseException:
             self.detach()
             raise
@@ -121,7 +152,7 @@ class PruningEngine:
         for untap in self._untaps:
             untap()
         self._untaps.clear()
-        self._fwd = self._plan = self._run = None
+        self._fwd = self._plan = self._run = self._vit = None
         self.method.reset()
 
     def _wrap_image_features(self) -> None:
@@ -129,7 +160,7 @@ class PruningEngine:
         forward; an instance-level wrapper (signature kept, as generate() inspects it) records them."""
         base = self.adapter.base
         names = self.adapter.image_kwargs
-        if not names or not hasattr(base, "get_image_features"):
+        if not (names or self._vit_point) or not hasattr(base, "get_image_features"):
             return
         had_own = "get_image_features" in vars(base)
         original = base.get_image_features
@@ -139,7 +170,11 @@ class PruningEngine:
         def get_image_features(*args, **kwargs):
             bound = signature.bind_partial(*args, **kwargs)
             self._image_kwargs = {k: bound.arguments.get(k) for k in names}
-            return original(*args, **kwargs)
+            self._in_images = True  # the V point prunes image passes only (not video passes)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._in_images = False
 
         base.get_image_features = get_image_features
 
@@ -193,6 +228,7 @@ class PruningEngine:
         self._vision_s = 0.0
         self._n_crops = int(pixel_values.shape[0])
         self.adapter.on_vision_input(args, kwargs)
+        self._vit = _VitRun() if self._vit_point and self._in_images else None
         if self.method.needs_pixels:
             t0 = time.perf_counter()
             self.method.on_pixels(pixel_values)
@@ -202,6 +238,147 @@ class PruningEngine:
         t0 = time.perf_counter()
         self.method.on_vision_attention(self.adapter.vision_attention_probs(module, args, kwargs))
         self._vision_s += time.perf_counter() - t0
+
+    # -- the V point: dropping tokens between vision-encoder layers ------------------------------
+    def _vit_tap(self, layer: int):
+        def tap(module, query, key, value, mask, scaling):
+            vit = self._vit
+            if vit is not None:
+                vit.calls.append((layer, query, key, value))
+
+        return tap
+
+    def _vit_flush(self, vit: _VitRun) -> None:
+        """Hand the attention inputs collected since the last flush to the method (Qwen-VL's non-flash
+        attention is called once per segment: the pieces are joined back along the sequence)."""
+        if not vit.calls:
+            return
+        t0 = time.perf_counter()
+        calls, vit.calls = vit.calls, []
+        layer = calls[0][0]
+        q, k, v = (torch.cat([c[i] for c in calls], dim=2) if len(calls) > 1 else calls[0][i] for i in (1, 2, 3))
+        self.method.on_vision_qkv(layer, q, k, v, vit.state)
+        self._vision_s += time.perf_counter() - t0
+
+    def _vit_layer_hook(self, layer: int):
+        def hook(module, args, kwargs):
+            vit = self._vit
+            if vit is None:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if vit.state is None:
+                a = self.adapter
+                if a.vit_flat:
+                    lengths = a.vit_image_lengths()
+                    ids = torch.arange(hidden.shape[0], device=hidden.device)
+                    vit.state = VisionState(ids=ids, flat=True, group=a.vit_group, lengths=list(lengths),
+                                            full=list(lengths))
+                else:
+                    n_crops, n = hidden.shape[:2]
+                    ids = torch.arange(n, device=hidden.device).expand(n_crops, n)
+                    vit.state = VisionState(ids=ids, flat=False, prefix=a.vit_prefix_tokens, full=[n] * n_crops)
+            self._vit_flush(vit)
+            if layer in self.method.vision_prune_layers:
+                t0 = time.perf_counter()
+                keep = self.method.at_vision_layer(layer, vit.state)
+                if keep is not None and not bool(keep.all()):
+                    hidden = self._vit_drop(vit, hidden, keep)
+                    if args:
+                        args = (hidden, *args[1:])
+                    else:
+                        kwargs["hidden_states"] = hidden
+                self._vision_s += time.perf_counter() - t0
+            if vit.pruned and vit.state.flat:
+                self.adapter.slice_vision_layer_inputs(kwargs, vit.state.ids, vit.sliced)
+            return args, kwargs
+
+        return hook
+
+    def _vit_drop(self, vit: _VitRun, hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        state = vit.state
+        keep = keep.to(hidden.device).bool()
+        if keep.shape != state.ids.shape:
+            raise PruningError(f"vision keep mask of shape {tuple(keep.shape)} for {tuple(state.ids.shape)} tokens")
+        if vit.stale is None:
+            vit.stale = hidden.detach().clone() if not vit.pruned else vit.stale
+        if state.flat:
+            g = state.group
+            grouped = keep.view(-1, g)
+            if not bool((grouped == grouped[:, :1]).all()):
+                raise PruningError(f"pruning inside a merging ViT must keep or drop whole groups of {g} tokens")
+            vit.stale[state.ids[~keep]] = hidden[~keep].detach()
+            bounds = [0]
+            for n in state.lengths:
+                bounds.append(bounds[-1] + n)
+            state.lengths = [int(keep[s:e].sum()) for s, e in zip(bounds[:-1], bounds[1:])]
+            state.ids = state.ids[keep]
+            hidden = hidden[keep]
+        else:
+            counts = keep.sum(-1)
+            if not bool((counts == counts[0]).all()):
+                raise PruningError("pruning inside a batched ViT must keep the same number of tokens in every crop")
+            if state.prefix and not bool(keep[:, : state.prefix].all()):
+                raise PruningError("the ViT's prefix (CLS) tokens must be kept")
+            b_idx, r_idx = (~keep).nonzero(as_tuple=True)
+            vit.stale[b_idx, state.ids[b_idx, r_idx]] = hidden[b_idx, r_idx].detach()
+            sel = keep.nonzero()[:, 1].view(keep.shape[0], -1)
+            state.ids = torch.gather(state.ids, 1, sel)
+            hidden = gather_seq(hidden, sel, 1)
+        vit.pruned = True
+        vit.sliced = {}
+        return hidden
+
+    def _on_projector_pre(self, module, args, kwargs):
+        """The projector (or a merger) reads a ViT hidden state: scatter the surviving rows back to full
+        length (dropped rows hold their last value; the LLM never sees them), so the features still match
+        the image placeholders and every reshaping the model does (anyres packing, merging)."""
+        vit = self._vit
+        if vit is None or vit.state is None:
+            return None
+        self._vit_flush(vit)
+        state = vit.state
+        if not vit.pruned:
+            return None
+        x = args[0] if args else kwargs["hidden_states"]
+        full = vit.stale.to(x.dtype)
+        if state.flat:
+            if x.shape[0] != state.ids.shape[0]:
+                return None
+            out = full.clone()
+            out[state.ids.to(x.device)] = x
+        else:
+            ids, p = state.ids, state.prefix
+            if x.shape[1] == ids.shape[1]:
+                out = full.clone()
+            elif p and x.shape[1] == ids.shape[1] - p:  # the model removed the CLS row ("default" strategy)
+                out, ids = full[:, p:].clone(), ids[:, p:] - p
+            else:
+                return None
+            if out.shape[-1] != x.shape[-1]:  # another hidden size (e.g. several layers): not ours
+                return None
+            out.scatter_(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]).to(x.device), x)
+        if args:
+            return (out, *args[1:]), kwargs
+        kwargs["hidden_states"] = out
+        return args, kwargs
+
+    def _vision_kept(self, layout: TokenLayout) -> torch.Tensor | None:
+        """(B, Nv) bool: visual tokens whose ViT tokens survived the V point (a token pooled from several
+        ViT tokens, e.g. by LLaVA-OneVision's downscaling, survives when most of them did)."""
+        vit = self._vit
+        if vit is None or vit.state is None or not vit.pruned:
+            return None
+        state = vit.state
+        if state.flat:
+            flat = torch.zeros(sum(state.full), device=state.ids.device)
+            flat[state.ids] = 1.0
+            vit_map = self.adapter.vit_running_maps(flat)
+        else:
+            vit_map = torch.zeros(state.ids.shape[0], state.full[0], device=state.ids.device)
+            vit_map.scatter_(1, state.ids, 1.0)
+            vit_map = vit_map[:, state.prefix :]
+        packed = layout.pack(vit_map)
+        return torch.nan_to_num(packed, nan=1.0) >= 0.5
 
     # -- the LLM's input ----------------------------------------------------------------------------
     def _on_text_pre(self, module, args, kwargs):
@@ -250,12 +427,26 @@ class PruningEngine:
                 "forward were not computed by the model's vision tower while pruning was attached; "
                 "pass pixel_values (not precomputed features)"
             )
+        if self.method.vision_prune_layers and (self._vit is None or self._vit.state is None):
+            raise PruningError(
+                "this method prunes inside the vision encoder, but the image features of this forward were "
+                "not computed by the model's vision tower (through get_image_features) while pruning was "
+                "attached; pass pixel_values (not precomputed features)"
+            )
         layout = self._layout(image_mask, fwd_kwargs)
         tokens = layout.tokens
         features = gather_seq(embeds, tokens.seq_index, 1)
-        ctx = PrefillContext(layout=layout, features=features, image_mask=image_mask, embeds=embeds)
+        mask2d = kwargs.get("attention_mask")
+        mask2d = mask2d if isinstance(mask2d, torch.Tensor) and mask2d.dim() == 2 else None
+        ctx = PrefillContext(layout=layout, features=features, image_mask=image_mask, embeds=embeds,
+                             attention_mask=mask2d)
+        vision_kept = self._vision_kept(layout)
+        self._vit = None
+        ctx.vision_kept = vision_kept
         sel = self.method.before_llm(ctx)
         keep_vis = sel.keep | ~tokens.prunable
+        if vision_kept is not None:  # tokens dropped inside the ViT never enter the LLM
+            keep_vis = keep_vis & (vision_kept | ~tokens.prunable)
         drop = torch.zeros(b, l0, dtype=torch.bool, device=embeds.device)
         drop.scatter_(1, tokens.seq_index, ~keep_vis)
 
@@ -312,7 +503,8 @@ class PruningEngine:
         self.stats = PruneStats(
             visual_tokens=n_vis, prompt_tokens=l0, tokens_into_llm=s1, batch_size=b,
             recycled_tokens=int((sel.replaced & keep_vis)[0].sum()) if sel.replaced is not None else 0,
-            stages=[("before LLM", kept_vis)],
+            stages=([("vision encoder", int((vision_kept & tokens.prunable)[0].sum()))] if vision_kept is not None
+                    else []) + [("before LLM", kept_vis)],
         )
         self._n_crops = None
         return kwargs
