@@ -28,7 +28,7 @@ from ..budget import schedule_mean
 from ..config import ConfigError, PruneConfig, check_fraction, register_method
 from ..models.base import ModelAdapter
 from .base import PrefillContext, PruningMethod
-from .fastv import check_prune_layers, keep_top_per_image, last_token_scores, shift_defaults, take_scores
+from .common import check_prune_layers, keep_top_per_image, last_token_scores, shift_defaults, take_scores
 
 
 def default_pdrop_layers(num_layers: int) -> tuple[int, ...]:

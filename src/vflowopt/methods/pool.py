@@ -25,9 +25,10 @@ from dataclasses import dataclass
 import torch
 
 from ..budget import keep_count
-from ..config import ConfigError, PruneConfig, register_method
+from ..config import PruneConfig, register_method
 from ..models.base import ModelAdapter
 from .base import PrefillContext, PruningMethod, Selection
+from .common import apportion, image_groups, no_search_space, validate_pre_llm
 
 
 @dataclass
@@ -52,52 +53,6 @@ class PoolConfig(PruneConfig):
 
 
 # -- helpers shared by the pre-LLM baselines --------------------------------------------------------
-def validate_pre_llm(config: PruneConfig) -> None:
-    """Budget required (a fraction in (0, 1]); positions "keep" or "compact"."""
-    if config.budget is None:
-        raise ConfigError(f"{type(config).__name__} needs a budget in (0, 1]")
-    PruneConfig.validate(config)
-    positions = getattr(config, "positions", "keep")
-    if positions not in ("keep", "compact"):
-        raise ConfigError(f"positions must be 'keep' or 'compact', got {positions!r}")
-
-
-def no_search_space(method: str, why: str) -> ConfigError:
-    return ConfigError(
-        f"method '{method}' has no numeric hyper-parameter to optimize besides the budget ({why}); "
-        "compare it at fixed budgets instead"
-    )
-
-
-def apportion(sizes: list[int], total: int) -> list[int]:
-    """Split `total` over groups of the given sizes in proportion (largest remainder, ties to the
-    earlier group), never giving a group more than its size."""
-    n = sum(sizes)
-    if n == 0 or total <= 0:
-        return [0] * len(sizes)
-    total = min(total, n)
-    exact = [s * total / n for s in sizes]
-    out = [min(s, math.floor(e)) for s, e in zip(sizes, exact)]
-    order = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - math.floor(exact[i])), i))
-    left = total - sum(out)
-    while left > 0:
-        for i in order:
-            if left and out[i] < sizes[i]:
-                out[i] += 1
-                left -= 1
-    return out
-
-
-def image_groups(ctx: PrefillContext):
-    """(b, image, indices into Nv of the image's prunable tokens) for every image of every sample."""
-    tokens = ctx.layout.tokens
-    for b in range(tokens.batch_size):
-        for img in tokens.image[b].unique().tolist():
-            idx = ((tokens.image[b] == img) & tokens.prunable[b]).nonzero().squeeze(-1)
-            if idx.numel():
-                yield b, img, idx
-
-
 # -- pooling ---------------------------------------------------------------------------------------
 def pool_windows(row: torch.Tensor, col: torch.Tensor, k: int) -> torch.Tensor:
     """Window id in [0, k) of every token of one grid (see the module docstring), exactly k windows."""

@@ -17,7 +17,7 @@ from ..budget import keep_count
 from ..config import ConfigError, PruneConfig, register_method
 from ..models.base import ModelAdapter
 from .base import PrefillContext, PruningMethod, Selection
-from .pool import image_groups, no_search_space, validate_pre_llm
+from .common import image_groups, no_search_space, validate_pre_llm
 
 
 @dataclass

@@ -35,7 +35,7 @@ from ..config import ConfigError, PruneConfig, check_fraction, register_method
 from ..models.base import ModelAdapter
 from ..signals.llm_attention import attention_rows
 from .base import PrefillContext, PruningMethod, Selection
-from .fastv import check_prune_layers, image_counts, shift_defaults, take_scores
+from .common import check_prune_layers, image_counts, shift_defaults, take_scores
 from .pdrop import cumulative, ratios_from_shares, solve_uniform_ratio, staged_mean
 
 #: the official scoring layers of a 32-layer LLM (`pruning_loc`); tokens leave at the next layer's input

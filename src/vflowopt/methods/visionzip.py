@@ -40,7 +40,7 @@ from ..errors import PruningError
 from ..models.base import ModelAdapter
 from ..signals.vision_keys import pack_vectors, strip_prefix, vision_keys
 from .base import PrefillContext, PruningMethod, Selection
-from .pool import apportion, image_groups, validate_pre_llm
+from .common import apportion, image_groups, validate_pre_llm
 
 #: The official README setting: 54 dominant (CLS included) + 10 contextual = 64 tokens.
 OFFICIAL_CONTEXTUAL_SHARE = 10 / 64

@@ -1,0 +1,145 @@
+"""Helpers shared by several methods: budget shares per image and grid, per-image top-k on LLM
+attention, layer checks. Not a method itself (the methods package skips this module)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..budget import keep_count
+from ..config import ConfigError, PruneConfig
+from ..errors import PruningError
+from ..models.base import ModelAdapter, VisualTokens
+from ..signals.llm_attention import attention_rows
+from .base import PrefillContext, topk_per_group
+
+
+# -- methods that prune once before the LLM ----------------------------------------------------------
+def validate_pre_llm(config: PruneConfig) -> None:
+    """Budget required (a fraction in (0, 1]); positions "keep" or "compact"."""
+    if config.budget is None:
+        raise ConfigError(f"{type(config).__name__} needs a budget in (0, 1]")
+    PruneConfig.validate(config)
+    positions = getattr(config, "positions", "keep")
+    if positions not in ("keep", "compact"):
+        raise ConfigError(f"positions must be 'keep' or 'compact', got {positions!r}")
+
+
+def no_search_space(method: str, why: str) -> ConfigError:
+    return ConfigError(
+        f"method '{method}' has no numeric hyper-parameter to optimize besides the budget ({why}); "
+        "compare it at fixed budgets instead"
+    )
+
+
+def apportion(sizes: list[int], total: int) -> list[int]:
+    """Split `total` over groups of the given sizes in proportion (largest remainder, ties to the
+    earlier group), never giving a group more than its size."""
+    n = sum(sizes)
+    if n == 0 or total <= 0:
+        return [0] * len(sizes)
+    total = min(total, n)
+    exact = [s * total / n for s in sizes]
+    out = [min(s, math.floor(e)) for s, e in zip(sizes, exact)]
+    order = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - math.floor(exact[i])), i))
+    left = total - sum(out)
+    while left > 0:
+        for i in order:
+            if left and out[i] < sizes[i]:
+                out[i] += 1
+                left -= 1
+    return out
+
+
+def image_groups(ctx: PrefillContext):
+    """(b, image, indices into Nv of the image's prunable tokens) for every image of every sample."""
+    tokens = ctx.layout.tokens
+    for b in range(tokens.batch_size):
+        for img in tokens.image[b].unique().tolist():
+            idx = ((tokens.image[b] == img) & tokens.prunable[b]).nonzero().squeeze(-1)
+            if idx.numel():
+                yield b, img, idx
+
+
+# -- methods scored by LLM attention (FastV, PDrop, SparseVLM) ----------------------------------------
+def last_token_scores(query: torch.Tensor, key: torch.Tensor, visual_pos: torch.Tensor, seq_len: int,
+                      scaling: float | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Head-averaged attention of the last position (`seq_len − 1`) to the visual tokens at rows
+    `visual_pos` (B, n) of the current sequence: (B, n). query (B, H, S, d), key (B, Hkv, S, d)."""
+    b = query.shape[0]
+    rows = torch.full((b, 1), seq_len - 1, dtype=torch.long, device=query.device)
+    probs = attention_rows(query, key, rows, scaling, mask)[:, 0]  # (B, K)
+    return torch.gather(probs, 1, visual_pos.to(probs.device))
+
+
+def image_counts(tokens: VisualTokens, current: torch.Tensor, fraction: float) -> dict[tuple[int, int], int]:
+    """{(sample, image): tokens to keep} = round(fraction · that image's prunable visual tokens as
+    produced), for the images present in `current` (B, n). Counting from the original count at every
+    stage keeps the realised mean within one token per stage of the schedule."""
+    image = torch.gather(tokens.image, 1, current)
+    counts = {}
+    for b in range(current.shape[0]):
+        for g in image[b].unique().tolist():
+            n = int((tokens.prunable[b] & (tokens.image[b] == g)).sum())
+            counts[(b, g)] = keep_count(n, fraction)
+    return counts
+
+
+def keep_top_per_image(scores: torch.Tensor, tokens: VisualTokens, current: torch.Tensor,
+                       fraction: float) -> torch.Tensor:
+    """Keep mask (B, n) over the tokens `current`: each image keeps its `fraction` of its own visual
+    tokens, the highest `scores` first; non-prunable tokens (newline, CLS) are never candidates."""
+    prunable = torch.gather(tokens.prunable, 1, current)
+    image = torch.gather(tokens.image, 1, current)
+    return topk_per_group(scores, image, prunable, image_counts(tokens, current, fraction))
+
+
+def check_prune_layers(name: str, layers: tuple[int, ...], adapter: ModelAdapter) -> tuple[int, ...]:
+    """Pruning layers scored from the attention of the layer before them: integers, strictly
+    increasing, in [max(1, adapter.min_llm_prune_layer), L − 1]; a ConfigError says which rule failed."""
+    n_layers = adapter.num_llm_layers
+    if not layers or not all(isinstance(k, int) and not isinstance(k, bool) for k in layers):
+        raise ConfigError(f"{name} must be LLM layer indices (integers), got {layers!r}")
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise ConfigError(f"{name} must be strictly increasing, got {layers}")
+    if layers[0] < adapter.min_llm_prune_layer:
+        raise ConfigError(
+            f"{name} {layers}: this {adapter.family} model can prune inside the LLM only from layer "
+            f"{adapter.min_llm_prune_layer} on (earlier layers still add visual features at the image positions)"
+        )
+    if layers[0] < 1 or layers[-1] >= n_layers:
+        raise ConfigError(
+            f"{name} {layers} must lie in [1, {n_layers - 1}] for this model, whose LLM has {n_layers} decoder "
+            "layers (layer 0 has no earlier layer to score with)"
+        )
+    return layers
+
+
+def shift_defaults(layers: tuple[int, ...], first: int, n_layers: int) -> tuple[int, ...]:
+    """Default layers moved up so they start at `first` or later and stay strictly increasing."""
+    out: list[int] = []
+    for k in layers:
+        k = max(int(k), first, out[-1] + 1 if out else first)
+        out.append(k)
+    if out[-1] >= n_layers:
+        raise ConfigError(
+            f"this model's LLM has {n_layers} layers, too few for {len(layers)} pruning stage(s) starting at "
+            f"layer {first}; pass fewer or explicit stage layers"
+        )
+    return tuple(out)
+
+
+def take_scores(store: dict[int, torch.Tensor], layer: int, current: torch.Tensor, method: str) -> torch.Tensor:
+    scores = store.pop(layer, None)
+    if scores is None or scores.shape != current.shape:
+        raise PruningError(
+            f"{method}: no attention scores were captured at LLM layer {layer - 1} for this prefill (the "
+            "forward must run the decoder layers of the language model in order)"
+        )
+    return scores
+
+
+def check_layer_int(name: str, value) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ConfigError(f"{name} must be an integer LLM layer index, got {value!r}")
