@@ -30,6 +30,9 @@ __all__ = [
     "vision_tokens_per_image",
     "projector_flops",
     "vision_scoring_flops",
+    "qwen_vision_flops",
+    "qwen_vision_segments",
+    "qwen_vision_scoring_flops",
 ]
 
 
@@ -164,3 +167,103 @@ def vision_scoring_flops(vision_config: Any, n_images: int, tokens: int | None =
     n = vision_tokens_per_image(vision_config) if tokens is None else int(tokens)
     hidden = vision_config.hidden_size
     return int(n_images) * (2 * _linear(n, hidden, hidden) + 2 * n * n * hidden)
+
+
+# --------------------------------------------------------------------------------------------------
+# Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision transformers (patch embedding, blocks, merger)
+# --------------------------------------------------------------------------------------------------
+
+
+def _qwen_kind(vision_config: Any) -> str:
+    kind = str(getattr(vision_config, "model_type", "")).lower()
+    for name in ("qwen3_vl", "qwen2_5_vl", "qwen2_vl"):
+        if kind.startswith(name):
+            return name
+    raise ValueError(f"not a Qwen-VL vision config: model_type {kind!r}")
+
+
+def _qwen_dim(vision_config: Any) -> int:
+    # Qwen2-VL calls the ViT width `embed_dim` (its `hidden_size` is the LLM width the merger maps to).
+    return int(vision_config.embed_dim if _qwen_kind(vision_config) == "qwen2_vl" else vision_config.hidden_size)
+
+
+def _grid_rows(grid_thw: Any) -> list[tuple[int, int, int]]:
+    rows = grid_thw.tolist() if hasattr(grid_thw, "tolist") else list(grid_thw)
+    return [(int(t), int(h), int(w)) for t, h, w in rows]
+
+
+def qwen_vision_segments(vision_config: Any, grid_thw: Any, layer: int) -> list[int]:
+    """Lengths of the attention segments of ViT block ``layer`` for the images ``grid_thw`` ((n, 3): t, h, w
+    patches per image).
+
+    Every block attends within one frame (``h * w`` patches) except Qwen2.5-VL's windowed blocks (those not
+    in ``fullatt_block_indexes``), which attend within windows of ``window_size // spatial_merge_size //
+    patch_size`` merged tokens a side (smaller windows at the right and bottom edges).
+    """
+    kind = _qwen_kind(vision_config)
+    merge = int(vision_config.spatial_merge_size)
+    segments: list[int] = []
+    windowed = kind == "qwen2_5_vl" and int(layer) not in set(vision_config.fullatt_block_indexes)
+    for t, h, w in _grid_rows(grid_thw):
+        if not windowed:
+            segments += [h * w] * t
+            continue
+        side = int(vision_config.window_size) // merge // int(vision_config.patch_size)
+        llm_h, llm_w = h // merge, w // merge
+        rows = [side] * (llm_h // side) + ([llm_h % side] if llm_h % side else [])
+        cols = [side] * (llm_w // side) + ([llm_w % side] if llm_w % side else [])
+        segments += [rh * rw * merge * merge for rh in rows for rw in cols] * t
+    return segments
+
+
+def qwen_vision_flops(vision_config: Any, grid_thw: Any) -> int:
+    """FLOPs of a Qwen2-VL, Qwen2.5-VL or Qwen3-VL vision transformer on the images ``grid_thw``.
+
+    ``grid_thw`` is what the processor returns as ``image_grid_thw`` ((n, 3): temporal, height, width in
+    patches); all images of a prompt (or a batch) run as one flat sequence. Counted: the Conv3d patch
+    embedding (``2 * N * dim * channels * temporal_patch * patch**2``), per block the fused qkv projection
+    (dim -> 3 dim), the output projection, Q Kᵀ and A V within each attention segment
+    (:func:`qwen_vision_segments`: per frame, or per window in Qwen2.5-VL's windowed blocks), and the MLP
+    (Qwen2-VL: fc1/fc2 with ``dim * mlp_ratio``; Qwen2.5-VL: SwiGLU gate/up/down with
+    ``intermediate_size``; Qwen3-VL: fc1/fc2 with ``intermediate_size``), then the patch merger on the
+    ``N / merge**2`` merged tokens (``4 dim -> 4 dim -> LLM width``), for Qwen3-VL once more per deepstack
+    merger. FLOPs = 2 x multiply-adds; norms, rotary and learned position embeddings, activations,
+    softmax and biases are ignored.
+    """
+    kind = _qwen_kind(vision_config)
+    dim = _qwen_dim(vision_config)
+    heads = int(vision_config.num_heads)
+    d = dim // heads
+    merge = int(vision_config.spatial_merge_size)
+    grids = _grid_rows(grid_thw)
+    n = sum(t * h * w for t, h, w in grids)
+    channels = int(getattr(vision_config, "in_channels", getattr(vision_config, "in_chans", 3)))
+    patch = int(vision_config.patch_size)
+    total = 2 * n * dim * channels * int(vision_config.temporal_patch_size) * patch * patch
+    if kind == "qwen2_vl":
+        mlp = 2 * _linear(n, dim, int(dim * vision_config.mlp_ratio))
+    elif kind == "qwen2_5_vl":
+        mlp = 3 * _linear(n, dim, int(vision_config.intermediate_size))
+    else:
+        mlp = 2 * _linear(n, dim, int(vision_config.intermediate_size))
+    for layer in range(int(vision_config.depth)):
+        attn = sum(2 * (2 * heads * s * s * d) for s in qwen_vision_segments(vision_config, grids, layer))
+        total += _linear(n, dim, 3 * dim) + _linear(n, dim, dim) + attn + mlp
+    merged = n // (merge * merge)
+    wide = dim * merge * merge
+    out = int(vision_config.hidden_size if kind == "qwen2_vl" else vision_config.out_hidden_size)
+    mergers = 1 + (len(getattr(vision_config, "deepstack_visual_indexes", None) or ()) if kind == "qwen3_vl" else 0)
+    total += mergers * (_linear(merged, wide, wide) + _linear(merged, wide, out))
+    return total
+
+
+def qwen_vision_scoring_flops(vision_config: Any, grid_thw: Any, layer: int) -> int:
+    """Extra FLOPs of recomputing Qwen ViT block ``layer``'s attention map for importance scoring.
+
+    :func:`vflowopt.signals.qwen_vision.qwen_vision_attention_probs` re-runs the fused qkv projection on all
+    patches and Q Kᵀ within each attention segment of that block. FLOPs = 2 x multiply-adds.
+    """
+    dim = _qwen_dim(vision_config)
+    n = sum(t * h * w for t, h, w in _grid_rows(grid_thw))
+    layer = int(layer) % int(vision_config.depth)
+    return _linear(n, dim, 3 * dim) + sum(2 * s * s * dim for s in qwen_vision_segments(vision_config, grid_thw, layer))
