@@ -1,0 +1,228 @@
+"""The VQA benchmark model: a stock ``LlavaForConditionalGeneration`` built from config (no downloads).
+
+* Vision: CLIP vision encoder, 224 px images, 14 px patches -> 16 x 16 = 256 patch tokens + CLS.
+  ``vision_feature_layer=-1`` and ``vision_feature_select_strategy="default"``: the LLM receives the 256
+  patch tokens of the last layer; the CLS token is trained by an auxiliary head on the pooled output during
+  training (see :mod:`vflowopt.vqa.train`), so CLS-attention pruning methods read a real signal.
+* Language model: a small Qwen2 (or Llama) decoder over a word-level vocabulary (:func:`build_tokenizer`).
+* Processor: stock ``LlavaProcessor`` around ``LlavaImageProcessorPil`` (CLIP mean / std) and the
+  word-level tokenizer; it emits 256 ``<image>`` tokens per picture.
+
+``save_pretrained(model, processor, path)`` writes a normal Hugging Face folder; ``load(path)`` (or plain
+``LlavaForConditionalGeneration.from_pretrained`` + ``AutoProcessor.from_pretrained``) reads it back offline.
+
+Prompt format (the processor's chat template, LLaVA-1.5 style)::
+
+    <s>USER: <image>\\n{question} ASSISTANT: {answer} </s>
+
+The answer is one word, so greedy decoding of one new token gives it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..tiny import LLAVA_CHAT_TEMPLATE
+from .scenes import vocabulary
+
+__all__ = ["PRESETS", "SPECIAL_TOKENS", "build_model", "build_processor", "build_tokenizer", "load", "save"]
+
+SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
+PROMPT_WORDS: tuple[str, ...] = ("USER", "ASSISTANT", ":")
+
+#: Architecture presets. ``base`` is the benchmark model (~2.9 M parameters, ~11.6 MB as fp32 safetensors): an
+#: 8-layer LM, so that in-LLM methods (FastV, PDrop, SparseVLM: budget = mean retention over LLM layers) can
+#: reach budgets down to 0.25 (FastV, K=2) and 0.125 (PDrop / SparseVLM); ``wide`` is a 4-layer, 192-wide LM of
+#: similar cost; ``small`` is the trial-2 size; ``tiny`` is for tests only.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2},
+        "text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                 "num_key_value_heads": 1},
+    },
+    "small": {
+        "vision": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4},
+        "text": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 3, "num_attention_heads": 4,
+                 "num_key_value_heads": 2},
+    },
+    "base": {
+        "vision": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4},
+        "text": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 8, "num_attention_heads": 4,
+                 "num_key_value_heads": 4},
+    },
+    "wide": {
+        "vision": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4},
+        "text": {"hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 6,
+                 "num_key_value_heads": 2},
+    },
+}
+
+
+def build_tokenizer():
+    """Word-level tokenizer (``tokenizers`` WordLevel + Whitespace split) as a ``PreTrainedTokenizerFast``.
+
+    Ids: ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2, ``<unk>`` 3, ``<image>`` 4, then the prompt words and
+    :func:`vflowopt.vqa.scenes.vocabulary`. Padding on the left (batched generation).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for word in (*SPECIAL_TOKENS, *PROMPT_WORDS, *vocabulary()):
+        vocab.setdefault(word, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        padding_side="left",
+        model_max_length=1024,
+    )
+
+
+def build_processor(tokenizer=None, image_size: int = 224, patch_size: int = 14):
+    """``LlavaProcessor`` (``LlavaImageProcessorPil``, CLIP mean / std) emitting ``(size/patch)^2`` image tokens."""
+    from transformers import LlavaImageProcessorPil, LlavaProcessor
+
+    tokenizer = tokenizer or build_tokenizer()
+    image_processor = LlavaImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+
+
+def build_config(preset: str = "base", text: str = "qwen2", image_size: int = 224, patch_size: int = 14,
+                 tokenizer=None):
+    """``LlavaConfig`` for ``preset`` (see :data:`PRESETS`) and the word-level vocabulary."""
+    from transformers import LlavaConfig
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    if text not in ("qwen2", "llama"):
+        raise ValueError(f"unknown text model {text!r}; expected 'qwen2' or 'llama'")
+    tokenizer = tokenizer or build_tokenizer()
+    spec = PRESETS[preset]
+    vision = {
+        "model_type": "clip_vision_model",
+        "image_size": image_size,
+        "patch_size": patch_size,
+        "num_channels": 3,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        "attention_dropout": 0.0,
+        "projection_dim": spec["vision"]["hidden_size"],
+        **spec["vision"],
+    }
+    text_cfg = {
+        "model_type": text,
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": 1024,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+        "hidden_act": "silu",
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        **spec["text"],
+    }
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text_cfg,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        image_seq_length=(image_size // patch_size) ** 2,
+        tie_word_embeddings=True,
+    )
+
+
+def init_for_training(model) -> None:
+    """Re-initialise the text embeddings so each row has norm ~1 (trial 1: image tokens at norm ~22 against
+    text at ~0.5 left the LLM unable to use either). The projector is rescaled later, on real images
+    (:func:`rescale_projector`)."""
+    emb = model.get_input_embeddings()
+    dim = emb.weight.shape[1]
+    with torch.no_grad():
+        emb.weight.normal_(0.0, 1.0 / math.sqrt(dim))
+
+
+def rescale_projector(model, image_features: torch.Tensor, target: float = 1.0) -> float:
+    """Scale the projector's last linear layer so projected image tokens have mean norm ``target``.
+
+    ``image_features`` are projector outputs (any shape ``(..., dim)``) measured on real images. Returns
+    the factor applied.
+    """
+    norm = float(image_features.detach().norm(dim=-1).mean())
+    factor = target / max(norm, 1e-6)
+    proj = model.model.multi_modal_projector.linear_2
+    with torch.no_grad():
+        proj.weight.mul_(factor)
+        if proj.bias is not None:
+            proj.bias.mul_(factor)
+    return factor
+
+
+def build_model(preset: str = "base", text: str = "qwen2", seed: int = 0, attn_implementation: str = "sdpa"):
+    """``(model, processor)`` with seeded random weights, the model in ``train()`` mode."""
+    from transformers import LlavaForConditionalGeneration
+
+    tokenizer = build_tokenizer()
+    config = build_config(preset, text, tokenizer=tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+        init_for_training(model)
+    model.set_attn_implementation(attn_implementation)
+    gen = model.generation_config
+    gen.pad_token_id, gen.bos_token_id, gen.eos_token_id = (
+        tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id,
+    )
+    gen.do_sample = False
+    gen.max_new_tokens = 1
+    return model, build_processor(tokenizer)
+
+
+def num_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save(model, processor, path: str | Path, card: str | None = None) -> Path:
+    """``save_pretrained`` for model and processor (safetensors), plus ``README.md`` if ``card`` is given."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    if card is not None:
+        (path / "README.md").write_text(card, encoding="utf-8")
+    return path
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", attn_implementation: str = "sdpa"):
+    """``(model, processor)`` from a folder written by :func:`save` (offline; model in ``eval()`` mode)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(
+        str(path), attn_implementation=attn_implementation, local_files_only=True
+    )
+    processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
+    return model.to(device).eval(), processor

@@ -1,0 +1,516 @@
+"""Train the VQA benchmark model from scratch (CPU or GPU), reproducibly and resumably.
+
+Usage::
+
+    python -m vflowopt.vqa.train --out runs/vqa --steps 20000 [--resume] [--device cpu|cuda] [--seed 0]
+        [--log FILE] [--batch 16] [--preset base] [--workers 0] [--threads N] ...
+
+Outputs in ``--out``:
+
+* ``checkpoint.pt`` - everything needed to resume: model + auxiliary heads, optimizer, step, RNG states,
+  the arguments, the stage flags and the learning-curve history (written atomically every
+  ``--save-every`` steps and at the end).
+* ``--max-minutes M`` stops cleanly (checkpoint saved) after M minutes of wall clock, for machines that
+  run one command for a limited time; ``--resume`` continues.
+* ``model/`` - the Hugging Face folder (``save_pretrained``: model + processor, no auxiliary heads), written
+  with every checkpoint; load it with :func:`vflowopt.vqa.model.load` or ``from_pretrained``.
+* ``train.log`` (or ``--log``) - one JSON object per line: training records (``"kind": "train"``), held-out
+  evaluations (``"kind": "eval"``) and events (``"kind": "event"``).
+
+Reproducibility: the batch of step ``s`` is a pure function of ``(seed, s)`` (scenes ``s*B .. s*B+B-1`` of
+the ``train`` split), the initial weights of ``seed``; resuming restores model, optimizer and RNG states,
+so a resumed run continues the same trajectory (up to non-deterministic kernels on GPU).
+
+The recipe (see ``docs/vqa.md`` and ``../shared/reference/tiny-training.md``, trial 2):
+
+* answer loss on the one-word answers (and the closing ``</s>``) of ``--qa`` questions packed per image;
+* dense per-patch auxiliary supervision on the 256 feature tokens (colour, shape, digit, object centre) -
+  makes the vision side learn within a few hundred steps;
+* a CLS head on the vision tower's pooled output (present colour x shape pairs, count per shape, digit) -
+  trains the CLS token, so CLS-attention pruning methods have a real signal;
+* scale control: text embeddings at norm ~1, the projector rescaled so image tokens start at norm ~1, and a
+  penalty ``--scale-weight * log(mean image-token norm / target)^2`` keeping them there;
+* a staged schedule: ``--vision-only-frac`` (vision + aux heads only), joint training, then from
+  ``--freeze-vision-frac`` the vision tower frozen, the projector rescaled to norm 1 and projector + LM
+  trained with a fresh warmup + cosine at ``--lr-stage2``;
+* a curriculum: easy scenes (1-3 large objects, big digit) for the first ``--curriculum-frac`` of steps,
+  then ``--easy-mix`` of easy scenes mixed in.
+
+The auxiliary heads are not part of the saved model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import scenes as S
+from .model import build_model, num_parameters, rescale_projector, save
+
+CLIP_MEAN = np.asarray([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.asarray([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+DEFAULT_TYPE_WEIGHTS = "exists=1,colour=1.5,count=1.2,position=1,digit=2"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------
+
+
+def pixel_values(image) -> torch.Tensor:
+    """CLIP-normalised ``(3, H, W)`` tensor; equals ``LlavaImageProcessorPil`` for a 224 x 224 picture."""
+    arr = np.asarray(image, dtype=np.float32) / 255.0
+    arr = (arr - CLIP_MEAN) / CLIP_STD
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+
+def encode_qa(tokenizer, qa: list[dict[str, str]], n_image_tokens: int) -> tuple[list[int], list[int], list[int]]:
+    """Token ids, labels (-100 except answers and their ``</s>``) and per-token question-type index (-1 where
+    no answer), in the chat template's multi-turn format: ``<s>USER: <image>*N\\n q1 ASSISTANT: a1 </s>
+    USER: q2 ASSISTANT: a2 </s> ...``."""
+    vocab = tokenizer.get_vocab()
+    user = [vocab["USER"], vocab[":"]]
+    assistant = [vocab["ASSISTANT"], vocab[":"]]
+    ids = [tokenizer.bos_token_id, *user] + [vocab["<image>"]] * n_image_tokens
+    labels = [-100] * len(ids)
+    types = [-1] * len(ids)
+    for k, item in enumerate(qa):
+        q = [vocab[w] for w in item["question"].split()]
+        prefix = (user if k else []) + q + assistant
+        ids += prefix
+        labels += [-100] * len(prefix)
+        types += [-1] * len(prefix)
+        answer = vocab[item["answer"]]
+        ids += [answer, tokenizer.eos_token_id]
+        labels += [answer, tokenizer.eos_token_id]
+        types += [S.QUESTION_TYPES.index(item["type"]), -1]
+    return ids, labels, types
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item ``i`` is the whole batch of step ``start + i`` (rendered on the fly; deterministic by seed)."""
+
+    def __init__(self, tokenizer, args, start: int, stop: int):
+        self.tokenizer = tokenizer
+        self.args = args
+        self.start, self.stop = start, stop
+        self.weights = parse_type_weights(args.type_weights)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        step = self.start + i
+        return make_batch(self.tokenizer, self.args, step, self.weights)
+
+
+def parse_type_weights(text: str) -> tuple[float, ...]:
+    weights = dict.fromkeys(S.QUESTION_TYPES, 1.0)
+    for part in filter(None, text.split(",")):
+        key, value = part.split("=")
+        if key not in weights:
+            raise ValueError(f"unknown question type {key!r} in --type-weights")
+        weights[key] = float(value)
+    return tuple(weights[t] for t in S.QUESTION_TYPES)
+
+
+def scene_config_for(args, step: int, index: int) -> S.SceneConfig:
+    if step < args.curriculum_frac * args.steps:
+        return S.SceneConfig.easy()
+    if args.easy_mix > 0 and random.Random(args.seed * 1_000_003 + index).random() < args.easy_mix:
+        return S.SceneConfig.easy()
+    return S.SceneConfig()
+
+
+def make_batch(tokenizer, args, step: int, weights=None) -> dict[str, torch.Tensor]:
+    weights = weights or parse_type_weights(args.type_weights)
+    n_tokens = (224 // 14) ** 2
+    rows = []
+    for j in range(args.batch):
+        index = step * args.batch + j
+        rng = S.scene_rng("train", args.seed, index)
+        desc = S.sample_scene(rng, scene_config_for(args, step, index))
+        n_q = int(rng.integers(args.qa_min, args.qa_max + 1))
+        qa = S.make_questions(desc, rng, n_q, S.QUESTION_TYPES, weights)
+        ids, labels, types = encode_qa(tokenizer, qa, n_tokens)
+        rows.append((S.render(desc), ids, labels, types, S.patch_targets(desc), S.scene_targets(desc)))
+    length = max(len(r[1]) for r in rows)
+    pad = tokenizer.pad_token_id
+    batch = {
+        "input_ids": torch.tensor([r[1] + [pad] * (length - len(r[1])) for r in rows]),
+        "attention_mask": torch.tensor([[1] * len(r[1]) + [0] * (length - len(r[1])) for r in rows]),
+        "labels": torch.tensor([r[2] + [-100] * (length - len(r[2])) for r in rows]),
+        "answer_type": torch.tensor([r[3] + [-1] * (length - len(r[3])) for r in rows]),
+        "pixel_values": torch.stack([pixel_values(r[0]) for r in rows]),
+    }
+    for key in S.PATCH_CLASSES:
+        batch[f"patch_{key}"] = torch.from_numpy(np.stack([r[4][key] for r in rows]))
+    for key in ("present", "shape_count", "digit"):
+        batch[f"scene_{key}"] = torch.from_numpy(np.stack([np.asarray(r[5][key]) for r in rows]))
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Auxiliary heads (training only)
+# ----------------------------------------------------------------------------------------------------------
+
+
+class AuxHeads(nn.Module):
+    """Per-patch classifier on the feature tokens and a CLS classifier on the pooled output."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.patch_sizes = dict(S.PATCH_CLASSES)
+        self.patch = nn.Linear(dim, sum(self.patch_sizes.values()))
+        self.n_present = len(S.COLOURS) * len(S.SHAPES)
+        self.n_counts = len(S.COUNT_WORDS)
+        self.cls = nn.Sequential(
+            nn.Linear(dim, dim), nn.GELU(),
+            nn.Linear(dim, self.n_present + len(S.SHAPES) * self.n_counts + 11),
+        )
+
+    def forward(self, patches: torch.Tensor, pooled: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        logs: dict[str, float] = {}
+        logits = self.patch(patches).split(list(self.patch_sizes.values()), dim=-1)
+        loss = patches.new_zeros(())
+        on_object = batch["patch_colour"] > 0
+        for (key, _), lg in zip(self.patch_sizes.items(), logits):
+            target = batch[f"patch_{key}"]
+            loss = loss + F.cross_entropy(lg.flatten(0, 1), target.flatten())
+            mask = batch["patch_digit"] > 0 if key == "digit" else on_object
+            if key != "centre" and mask.any():
+                logs[f"patch_acc_{key}"] = float((lg.argmax(-1) == target)[mask].float().mean())
+        out = self.cls(pooled)
+        present, counts, digit = out.split([self.n_present, len(S.SHAPES) * self.n_counts, 11], dim=-1)
+        counts = counts.view(-1, len(S.SHAPES), self.n_counts)
+        cls_loss = (
+            F.binary_cross_entropy_with_logits(present, batch["scene_present"])
+            + F.cross_entropy(counts.flatten(0, 1), batch["scene_shape_count"].flatten())
+            + F.cross_entropy(digit, batch["scene_digit"])
+        )
+        logs["cls_acc_count"] = float((counts.argmax(-1) == batch["scene_shape_count"]).float().mean())
+        logs["cls_acc_digit"] = float((digit.argmax(-1) == batch["scene_digit"]).float().mean())
+        logs["cls_loss"] = float(cls_loss.detach())
+        logs["patch_loss"] = float(loss.detach())
+        return loss, cls_loss, logs
+
+
+class Taps:
+    """Forward hooks that keep the vision tower's output and the projector's output of the last forward."""
+
+    def __init__(self, model):
+        self.vision: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.projected = None
+        self.handles = [
+            model.model.vision_tower.register_forward_hook(self._vision),
+            model.model.multi_modal_projector.register_forward_hook(self._projector),
+        ]
+
+    def _vision(self, module, args, output):
+        # LlavaModel.get_image_features later overwrites output.pooler_output with the projected features:
+        # keep the tensors now.
+        self.vision = (output.hidden_states[-1], output.pooler_output)
+
+    def _projector(self, module, args, output):
+        self.projected = output
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Schedule
+# ----------------------------------------------------------------------------------------------------------
+
+
+def lr_factors(args, step: int) -> tuple[float, float]:
+    """Multipliers ``(vision + aux heads, projector + LM)`` of the base learning rates at ``step``."""
+    total = args.steps
+    freeze_at = int(args.freeze_vision_frac * total)
+    vision_only = int(args.vision_only_frac * total)
+
+    def warm_cosine(s: int, start: int, end: int, warmup: int) -> float:
+        s = s - start
+        length = max(1, end - start)
+        if s < warmup:
+            return (s + 1) / warmup
+        progress = min(1.0, (s - warmup) / max(1, length - warmup))
+        return args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    if step >= freeze_at:
+        return 0.0, warm_cosine(step, freeze_at, total, args.warmup // 2) * args.lr_stage2 / args.lr_lm
+    vis = warm_cosine(step, 0, freeze_at, args.warmup)
+    if step < vision_only:
+        return vis, 0.0
+    return vis, warm_cosine(step, vision_only, freeze_at, args.warmup)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m vflowopt.vqa.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="run folder (checkpoint.pt, model/, train.log)")
+    p.add_argument("--steps", type=int, required=True, help="total optimisation steps of the run")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log", default=None, help="log file (default OUT/train.log)")
+    p.add_argument("--preset", default="base", help="tiny | small | base (see vflowopt.vqa.model.PRESETS)")
+    p.add_argument("--text", default="qwen2", help="qwen2 | llama")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--qa-min", type=int, default=7)
+    p.add_argument("--qa-max", type=int, default=9)
+    p.add_argument("--type-weights", default=DEFAULT_TYPE_WEIGHTS)
+    p.add_argument("--lr-vision", type=float, default=2e-3)
+    p.add_argument("--lr-lm", type=float, default=1e-3)
+    p.add_argument("--lr-stage2", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--min-lr-frac", type=float, default=0.05)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--schedule", choices=("staged", "joint"), default="staged",
+                   help="joint: no vision-only phase and no freezing (overrides the two fractions)")
+    p.add_argument("--vision-only-frac", type=float, default=0.03)
+    p.add_argument("--freeze-vision-frac", type=float, default=0.6)
+    p.add_argument("--curriculum-frac", type=float, default=0.15)
+    p.add_argument("--easy-mix", type=float, default=0.1)
+    p.add_argument("--patch-weight", type=float, default=1.0)
+    p.add_argument("--cls-weight", type=float, default=0.5)
+    p.add_argument("--scale-weight", type=float, default=0.1)
+    p.add_argument("--scale-target", type=float, default=1.0)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--eval-every", type=int, default=1000, help="0: no held-out evaluation during training")
+    p.add_argument("--eval-n", type=int, default=250)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes rendering scenes")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument("--max-minutes", type=float, default=0.0,
+                   help="stop cleanly (checkpoint saved) after this much wall-clock time; resume later")
+    args = p.parse_args(argv)
+    if args.schedule == "joint":
+        args.vision_only_frac, args.freeze_vision_frac = 0.0, 1.0
+    return args
+
+
+RESUME_KEEP = ("out", "steps", "resume", "device", "log", "log_every", "save_every", "eval_every", "eval_n",
+               "workers", "threads", "amp", "max_minutes")
+
+
+def _log(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_checkpoint(out: Path, model, aux, opt, step: int, args, flags, history, processor) -> None:
+    state = {
+        "step": step,
+        "model": model.state_dict(),
+        "aux": aux.state_dict(),
+        "optimizer": opt.state_dict(),
+        "rng": _rng_state(),
+        "args": vars(args),
+        "flags": flags,
+        "history": history,
+    }
+    tmp = out / "checkpoint.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, out / "checkpoint.pt")
+    save(model, processor, out / "model")
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = Path(args.log) if args.log else out / "train.log"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+
+    ckpt = None
+    if args.resume:
+        path = out / "checkpoint.pt"
+        if not path.exists():
+            raise SystemExit(f"--resume: no checkpoint at {path}")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        saved = ckpt["args"]
+        for key, value in saved.items():  # the recipe comes from the checkpoint; run-control flags from now
+            if key not in RESUME_KEEP:
+                setattr(args, key, value)
+
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    model, processor = build_model(args.preset, args.text, seed=args.seed)
+    aux = AuxHeads(model.config.vision_config.hidden_size)
+    vision_params = list(model.model.vision_tower.parameters()) + list(aux.parameters())
+    vision_ids = {id(p) for p in model.model.vision_tower.parameters()}
+    lm_params = [p for p in model.parameters() if id(p) not in vision_ids]
+    opt = torch.optim.AdamW(
+        [{"params": vision_params, "lr": args.lr_vision}, {"params": lm_params, "lr": args.lr_lm}],
+        weight_decay=args.weight_decay, betas=(0.9, 0.98),
+    )
+    flags = {"projector_scaled": False, "stage2_scaled": False}
+    history: list[dict[str, Any]] = []
+    start = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        aux.load_state_dict(ckpt["aux"])
+        opt.load_state_dict(ckpt["optimizer"])
+        _set_rng_state(ckpt["rng"])
+        flags, history, start = ckpt["flags"], ckpt["history"], ckpt["step"]
+        _log(log_path, {"kind": "event", "event": "resume", "step": start, "time": time.time()})
+    else:
+        _log(log_path, {"kind": "event", "event": "start", "args": vars(args), "params": num_parameters(model),
+                        "device": str(device), "time": time.time()})
+    model.to(device).train()
+    aux.to(device).train()
+    for state in opt.state.values():
+        for k, v in state.items():
+            if torch.is_tensor(v) and k != "step":
+                state[k] = v.to(device)
+    taps = Taps(model)
+    freeze_at = int(args.freeze_vision_frac * args.steps)
+
+    loader = torch.utils.data.DataLoader(
+        StepBatches(processor.tokenizer, args, start, args.steps), batch_size=None, shuffle=False,
+        num_workers=args.workers, persistent_workers=False, prefetch_factor=4 if args.workers else None,
+        pin_memory=device.type == "cuda",
+    )
+    t0 = time.time()
+    window = {"t": time.time(), "steps": 0}
+    acc: dict[str, list[float]] = {}
+    step = start
+    for batch in loader:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        if step >= freeze_at and not flags["stage2_scaled"]:
+            model.model.vision_tower.requires_grad_(False)
+            with torch.no_grad():
+                model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")})
+            factor = rescale_projector(model, taps.projected, args.scale_target)
+            flags["stage2_scaled"] = True
+            _log(log_path, {"kind": "event", "event": "freeze_vision", "step": step, "projector_factor": factor})
+        if not flags["projector_scaled"]:
+            with torch.no_grad():
+                model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")})
+            factor = rescale_projector(model, taps.projected, args.scale_target)
+            flags["projector_scaled"] = True
+            _log(log_path, {"kind": "event", "event": "projector_scaled", "step": step, "factor": factor})
+        if step >= freeze_at:
+            model.model.vision_tower.requires_grad_(False)
+
+        f_vis, f_lm = lr_factors(args, step)
+        opt.param_groups[0]["lr"] = args.lr_vision * f_vis
+        opt.param_groups[1]["lr"] = args.lr_lm * f_lm
+
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"):
+            outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            pixel_values=batch["pixel_values"])
+            logits = outputs.logits[:, :-1].float()
+            labels = batch["labels"][:, 1:]
+            answer_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+            last_hidden, pooled = taps.vision
+            aux_patch, aux_cls, logs = aux(last_hidden[:, 1:].float(), pooled.float(), batch)
+            norm = taps.projected.float().norm(dim=-1).mean()
+            scale_loss = torch.log(norm / args.scale_target) ** 2
+            w_ans = 0.0 if f_lm == 0.0 else 1.0
+            loss = w_ans * answer_loss + args.scale_weight * scale_loss
+            if step < freeze_at:
+                loss = loss + args.patch_weight * aux_patch + args.cls_weight * aux_cls
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(aux.parameters()), args.grad_clip)
+        opt.step()
+        step += 1
+        window["steps"] += 1
+
+        with torch.no_grad():
+            pred = logits.argmax(-1)
+            types = batch["answer_type"][:, 1:]
+            for k, name in enumerate(S.QUESTION_TYPES):
+                mask = types == k
+                if mask.any():
+                    acc.setdefault(name, []).append(float((pred[mask] == labels[mask]).float().mean()))
+            logs["answer_loss"] = float(answer_loss.detach())  # answers and their </s>
+            words = types >= 0
+            if words.any():  # the answer words alone (</s> is trivial and would halve the number)
+                logs["answer_word_loss"] = float(F.cross_entropy(logits[words], labels[words]))
+            logs["image_norm"] = float(norm)
+            for key, value in logs.items():
+                acc.setdefault(key, []).append(value)
+
+        if step % args.log_every == 0 or step == args.steps:
+            now = time.time()
+            record = {"kind": "train", "step": step, "loss": float(loss.detach()),
+                      "lr_vision": opt.param_groups[0]["lr"], "lr_lm": opt.param_groups[1]["lr"],
+                      "steps_per_s": window["steps"] / max(1e-9, now - window["t"]),
+                      "elapsed_s": now - t0, "load": os.getloadavg()[0]}
+            for key, values in acc.items():
+                record[key if key not in S.QUESTION_TYPES else f"train_acc_{key}"] = float(np.mean(values))
+            _log(log_path, record)
+            history.append({k: record[k] for k in record if k not in ("kind",)})
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}),
+                  file=sys.stderr, flush=True)
+            acc = {}
+            window = {"t": now, "steps": 0}
+        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+            from .evaluate import evaluate_full
+
+            model.eval()
+            result = evaluate_full(model, processor, n=args.eval_n, seed=args.seed, split="val")
+            model.train()
+            _log(log_path, {"kind": "eval", "step": step, "split": "val", **result})
+            history.append({"step": step, "val_accuracy": result["accuracy"], "val_per_type": result["per_type"]})
+        if step % args.save_every == 0 or step == args.steps:
+            _save_checkpoint(out, model, aux, opt, step, args, flags, history, processor)
+        elif args.max_minutes and time.time() - t0 > args.max_minutes * 60:
+            _save_checkpoint(out, model, aux, opt, step, args, flags, history, processor)
+            _log(log_path, {"kind": "event", "event": "time_limit", "step": step, "elapsed_s": time.time() - t0})
+            break
+    taps.remove()
+    if step == start:  # nothing to do (already at --steps)
+        _log(log_path, {"kind": "event", "event": "nothing_to_do", "step": step})
+    _log(log_path, {"kind": "event", "event": "end", "step": step, "elapsed_s": time.time() - t0})
+    return {"step": step, "history": history}
+
+
+def main(argv=None) -> int:
+    train(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

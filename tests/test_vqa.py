@@ -1,0 +1,180 @@
+"""The procedural VQA benchmark: generator, model round trip, training / resume and evaluation (fast)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vflowopt.vqa import evaluate as E
+from vflowopt.vqa import model as M
+from vflowopt.vqa import scenes as S
+from vflowopt.vqa import train as T
+
+
+def _samples(n=12, seed=3):
+    return [S.make_sample(i, seed=seed) for i in range(n)]
+
+
+def test_generator_is_deterministic_and_splits_differ():
+    a, b = S.make_sample(5, seed=7), S.make_sample(5, seed=7)
+    assert a["scene"] == b["scene"] and a["qa"] == b["qa"]
+    assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+    assert S.make_sample(5, seed=8)["scene"] != a["scene"]
+    assert S.make_sample(5, seed=7, split="test")["scene"] != a["scene"]
+    json.dumps(a["scene"])  # the description is plain data
+    assert a["image"].size == (224, 224)
+
+
+def test_rendered_objects_match_the_description():
+    checked = 0
+    for sample in _samples():
+        pixels = np.asarray(sample["image"], dtype=np.int16)
+        labels = S.label_map(sample["scene"])
+        for i, obj in enumerate(sample["scene"]["objects"]):
+            cx, cy = int(obj["cx"]), int(obj["cy"])
+            assert labels[cy, cx] == i + 1
+            # a 3x3 neighbourhood of the centre has the object's colour (up to the mild global noise)
+            patch = pixels[cy - 1 : cy + 2, cx - 1 : cx + 2].reshape(-1, 3).mean(0)
+            assert np.abs(patch - np.asarray(obj["rgb"])).max() < 12, (obj, patch)
+            checked += 1
+        for digit in sample["scene"]["digits"]:
+            x0, y0, x1, y1 = digit["bbox"]
+            region = pixels[y0:y1, x0:x1]
+            ink = (region.max(-1) < 90).sum()
+            plate = (np.abs(region - np.asarray(S.DIGIT_PLATE)).max(-1) < 25).sum()
+            assert ink > 10 and plate > ink  # dark glyph pixels on a light plate
+    assert checked > 20
+
+
+def test_answers_follow_the_description():
+    seen = set()
+    for sample in _samples(30):
+        objs = sample["scene"]["objects"]
+        for qa in sample["qa"]:
+            seen.add(qa["type"])
+            words = qa["question"].split()
+            if qa["type"] == "exists":
+                colour, shape = words[3], words[4]
+                present = any(o["colour"] == colour and o["shape"] == shape for o in objs)
+                assert qa["answer"] == ("yes" if present else "no")
+            elif qa["type"] == "count":
+                if words[3] == "objects":
+                    n = sum(o["colour"] == words[2] for o in objs)
+                else:
+                    shape = {v: k for k, v in S.PLURALS.items()}[words[2]]
+                    n = sum(o["shape"] == shape for o in objs)
+                assert qa["answer"] == S.COUNT_WORDS[n]
+            elif qa["type"] == "colour":
+                matches = [o for o in objs if o["shape"] == words[4]]
+                assert len(matches) == 1 and matches[0]["colour"] == qa["answer"]
+            elif qa["type"] == "digit":
+                assert qa["answer"] == str(sample["scene"]["digits"][0]["value"])
+            elif qa["type"] == "position":
+                a = next(o for o in objs if (o["colour"], o["shape"]) == (words[2], words[3]))
+                b = next(o for o in objs if (o["colour"], o["shape"]) == (words[-3], words[-2]))
+                expected = {"left": a["cx"] < b["cx"], "right": a["cx"] > b["cx"],
+                            "above": a["cy"] < b["cy"], "below": a["cy"] > b["cy"]}
+                assert expected[qa["answer"]]
+    assert seen == set(S.QUESTION_TYPES)
+
+
+def test_patch_targets_cover_objects_and_digits():
+    sample = S.make_sample(1, seed=3)
+    targets = S.patch_targets(sample["scene"])
+    assert all(v.shape == (256,) for v in targets.values())
+    assert (targets["colour"] > 0).sum() >= len(sample["scene"]["objects"])
+    assert targets["centre"].sum() == len(sample["scene"]["objects"])
+    if sample["scene"]["digits"]:
+        assert (targets["digit"] == sample["scene"]["digits"][0]["value"] + 1).any()
+
+
+@pytest.fixture(scope="module")
+def tiny_saved(tmp_path_factory):
+    model, processor = M.build_model("tiny", seed=0)
+    path = M.save(model, processor, tmp_path_factory.mktemp("vqa") / "model")
+    return model, processor, path
+
+
+def test_model_round_trip_offline(tiny_saved):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from vflowopt.tiny import build_inputs
+
+    model, processor, path = tiny_saved
+    loaded = LlavaForConditionalGeneration.from_pretrained(str(path), local_files_only=True).eval()
+    proc2 = AutoProcessor.from_pretrained(str(path), local_files_only=True)
+    sample = S.make_sample(0)
+    batch = build_inputs(proc2, [sample["image"]], [sample["qa"][0]["question"]])
+    assert int((batch["input_ids"] == loaded.config.image_token_index).sum()) >= 256
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).logits, loaded(**batch).logits)
+    size = sum(f.stat().st_size for f in path.iterdir())
+    assert size < 25e6
+    # training-time encoding = processor encoding (pixels and the first turn's tokens)
+    assert torch.allclose(T.pixel_values(sample["image"]), batch["pixel_values"][0], atol=1e-4)
+    ids, _, _ = T.encode_qa(proc2.tokenizer, sample["qa"][:1], 256)
+    assert ids[: batch["input_ids"].shape[1]] == batch["input_ids"][0].tolist()
+
+
+def test_base_preset_fits_the_size_limit():
+    config = M.build_config("base")
+    assert config.vision_config.image_size // config.vision_config.patch_size == 16
+    with torch.device("meta"):
+        from transformers import LlavaForConditionalGeneration
+
+        n = M.num_parameters(LlavaForConditionalGeneration(config))
+    assert n * 4 < 25e6
+
+
+def test_training_runs_and_resumes(tmp_path):
+    common = ["--out", str(tmp_path), "--preset", "tiny", "--batch", "2", "--qa-min", "2", "--qa-max", "3",
+              "--log-every", "1", "--save-every", "2", "--eval-every", "0", "--warmup", "1", "--threads", "2"]
+    T.main(["--steps", "2", *common])
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 2 and (tmp_path / "model" / "config.json").exists()
+    T.main(["--steps", "3", "--resume", *common])
+    records = [json.loads(line) for line in (tmp_path / "train.log").read_text().splitlines()]
+    steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert steps == [1, 2, 3]
+    assert any(r.get("event") == "resume" and r["step"] == 2 for r in records)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 3
+    loaded, _ = M.load(tmp_path / "model")
+    assert not any("aux" in k for k in loaded.state_dict())
+
+
+def test_batches_are_deterministic_by_seed():
+    args = T.parse_args(["--out", "x", "--steps", "10", "--batch", "2"])
+    tok = M.build_tokenizer()
+    a, b = T.make_batch(tok, args, 4), T.make_batch(tok, args, 4)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["pixel_values"], T.make_batch(tok, args, 5)["pixel_values"])
+
+
+def test_evaluate_writes_documented_json(tiny_saved, tmp_path):
+    _, _, path = tiny_saved
+    out = tmp_path / "eval.json"
+    E.main(["--model", str(path), "--methods", "random,visionzip", "--budgets", "1.0,0.25", "--n", "5",
+            "--json", str(out), "--threads", "2"])
+    result = json.loads(out.read_text())
+    assert result["n"] == 5 and result["question_types"] == list(S.QUESTION_TYPES)
+    assert set(result["full"]) == {"accuracy", "per_type"}
+    assert len(result["results"]) == 4
+    for r in result["results"]:
+        assert {"method", "budget", "status", "accuracy", "relative_accuracy", "per_type", "reason"} <= set(r)
+        assert r["status"] in ("ok", "refused")
+        if r["status"] == "ok":
+            assert set(r["per_type"]) == set(S.QUESTION_TYPES) and 0 <= r["accuracy"] <= 1
+    assert any(r["status"] == "ok" for r in result["results"])
+
+
+def test_time_limit_stops_cleanly_and_resumes(tmp_path):
+    common = ["--out", str(tmp_path), "--preset", "tiny", "--batch", "2", "--qa-min", "2", "--qa-max", "2",
+              "--log-every", "1", "--save-every", "100", "--eval-every", "0", "--threads", "2", "--steps", "4"]
+    T.main([*common, "--max-minutes", "1e-6"])
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 1
+    T.main([*common, "--resume"])
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 4
