@@ -19,23 +19,12 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..errors import ConfigError, PruningError
-from ..methods.base import PrefillContext, PruningMethod, Selection, VisionState
+from ..methods.base import PrefillContext, PruningMethod, Selection
 from ..models.base import FeatureCountMismatch, ModelAdapter, TokenLayout, VisualTokens, image_mask_from
 from ..signals.llm_attention import tap_attention
 from .sequence import complement_keep, gather_mask, gather_seq, positions_after_drop
 from .stats import PruneStats
-
-
-@dataclass
-class _VitRun:
-    """One image pass through the vision encoder with tokens dropped inside it (the V point)."""
-
-    state: VisionState | None = None
-    stale: torch.Tensor | None = None  # full-length rows; a dropped row holds its value when dropped
-    pruned: bool = False
-    sliced: dict = field(default_factory=dict)
-    calls: list = field(default_factory=list)  # pending (layer, q, k, v) from the attention taps
-    kept: object = None  # ViT-level keep map (image order, prefix removed), set at the end of the pass
+from .vision_point import VisionPoint, _VitRun
 
 
 @dataclass
@@ -73,7 +62,7 @@ class _Run:
     pruning_s: float = 0.0
 
 
-class PruningEngine:
+class PruningEngine(VisionPoint):
     def __init__(self, model: nn.Module, adapter: ModelAdapter, method: PruningMethod, positions: str = "keep"):
         self.model = model
         self.adapter = adapter
@@ -240,147 +229,6 @@ class PruningEngine:
         self._vision_s += time.perf_counter() - t0
 
     # -- the V point: dropping tokens between vision-encoder layers ------------------------------
-    def _vit_tap(self, layer: int):
-        def tap(module, query, key, value, mask, scaling):
-            vit = self._vit
-            if vit is not None:
-                vit.calls.append((layer, query, key, value))
-
-        return tap
-
-    def _vit_flush(self, vit: _VitRun) -> None:
-        """Hand the attention inputs collected since the last flush to the method (Qwen-VL's non-flash
-        attention is called once per segment: the pieces are joined back along the sequence)."""
-        if not vit.calls:
-            return
-        t0 = time.perf_counter()
-        calls, vit.calls = vit.calls, []
-        layer = calls[0][0]
-        q, k, v = (torch.cat([c[i] for c in calls], dim=2) if len(calls) > 1 else calls[0][i] for i in (1, 2, 3))
-        self.method.on_vision_qkv(layer, q, k, v, vit.state)
-        self._vision_s += time.perf_counter() - t0
-
-    def _vit_layer_hook(self, layer: int):
-        def hook(module, args, kwargs):
-            vit = self._vit
-            if vit is None:
-                return None
-            hidden = args[0] if args else kwargs["hidden_states"]
-            if vit.state is None:
-                a = self.adapter
-                if a.vit_flat:
-                    lengths = a.vit_image_lengths()
-                    ids = torch.arange(hidden.shape[0], device=hidden.device)
-                    vit.state = VisionState(ids=ids, flat=True, group=a.vit_group, lengths=list(lengths),
-                                            full=list(lengths))
-                else:
-                    n_crops, n = hidden.shape[:2]
-                    ids = torch.arange(n, device=hidden.device).expand(n_crops, n)
-                    vit.state = VisionState(ids=ids, flat=False, prefix=a.vit_prefix_tokens, full=[n] * n_crops)
-            self._vit_flush(vit)
-            if layer in self.method.vision_prune_layers:
-                t0 = time.perf_counter()
-                keep = self.method.at_vision_layer(layer, vit.state)
-                if keep is not None and not bool(keep.all()):
-                    hidden = self._vit_drop(vit, hidden, keep)
-                    if args:
-                        args = (hidden, *args[1:])
-                    else:
-                        kwargs["hidden_states"] = hidden
-                self._vision_s += time.perf_counter() - t0
-            if vit.pruned and vit.state.flat:
-                self.adapter.slice_vision_layer_inputs(kwargs, vit.state.ids, vit.sliced)
-            return args, kwargs
-
-        return hook
-
-    def _vit_drop(self, vit: _VitRun, hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        state = vit.state
-        keep = keep.to(hidden.device).bool()
-        if keep.shape != state.ids.shape:
-            raise PruningError(f"vision keep mask of shape {tuple(keep.shape)} for {tuple(state.ids.shape)} tokens")
-        if vit.stale is None:
-            vit.stale = hidden.detach().clone() if not vit.pruned else vit.stale
-        if state.flat:
-            g = state.group
-            grouped = keep.view(-1, g)
-            if not bool((grouped == grouped[:, :1]).all()):
-                raise PruningError(f"pruning inside a merging ViT must keep or drop whole groups of {g} tokens")
-            vit.stale[state.ids[~keep]] = hidden[~keep].detach()
-            bounds = [0]
-            for n in state.lengths:
-                bounds.append(bounds[-1] + n)
-            state.lengths = [int(keep[s:e].sum()) for s, e in zip(bounds[:-1], bounds[1:])]
-            state.ids = state.ids[keep]
-            hidden = hidden[keep]
-        else:
-            counts = keep.sum(-1)
-            if not bool((counts == counts[0]).all()):
-                raise PruningError("pruning inside a batched ViT must keep the same number of tokens in every crop")
-            if state.prefix and not bool(keep[:, : state.prefix].all()):
-                raise PruningError("the ViT's prefix (CLS) tokens must be kept")
-            b_idx, r_idx = (~keep).nonzero(as_tuple=True)
-            vit.stale[b_idx, state.ids[b_idx, r_idx]] = hidden[b_idx, r_idx].detach()
-            sel = keep.nonzero()[:, 1].view(keep.shape[0], -1)
-            state.ids = torch.gather(state.ids, 1, sel)
-            hidden = gather_seq(hidden, sel, 1)
-        vit.pruned = True
-        vit.sliced = {}
-        return hidden
-
-    def _on_projector_pre(self, module, args, kwargs):
-        """The projector (or a merger) reads a ViT hidden state: scatter the surviving rows back to full
-        length (dropped rows hold their last value; the LLM never sees them), so the features still match
-        the image placeholders and every reshaping the model does (anyres packing, merging)."""
-        vit = self._vit
-        if vit is None or vit.state is None:
-            return None
-        self._vit_flush(vit)
-        state = vit.state
-        if not vit.pruned:
-            return None
-        x = args[0] if args else kwargs["hidden_states"]
-        full = vit.stale.to(x.dtype)
-        if state.flat:
-            if x.shape[0] != state.ids.shape[0]:
-                return None
-            out = full.clone()
-            out[state.ids.to(x.device)] = x
-        else:
-            ids, p = state.ids, state.prefix
-            if x.shape[1] == ids.shape[1]:
-                out = full.clone()
-            elif p and x.shape[1] == ids.shape[1] - p:  # the model removed the CLS row ("default" strategy)
-                out, ids = full[:, p:].clone(), ids[:, p:] - p
-            else:
-                return None
-            if out.shape[-1] != x.shape[-1]:  # another hidden size (e.g. several layers): not ours
-                return None
-            out.scatter_(1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]).to(x.device), x)
-        if args:
-            return (out, *args[1:]), kwargs
-        kwargs["hidden_states"] = out
-        return args, kwargs
-
-    def _vision_kept(self, layout: TokenLayout) -> torch.Tensor | None:
-        """(B, Nv) bool: visual tokens whose ViT tokens survived the V point (a token pooled from several
-        ViT tokens, e.g. by LLaVA-OneVision's downscaling, survives when most of them did)."""
-        vit = self._vit
-        if vit is None or vit.state is None or not vit.pruned:
-            return None
-        state = vit.state
-        if state.flat:
-            flat = torch.zeros(sum(state.full), device=state.ids.device)
-            flat[state.ids] = 1.0
-            vit_map = self.adapter.vit_running_maps(flat)
-        else:
-            vit_map = torch.zeros(state.ids.shape[0], state.full[0], device=state.ids.device)
-            vit_map.scatter_(1, state.ids, 1.0)
-            vit_map = vit_map[:, state.prefix :]
-        packed = layout.pack(vit_map)
-        return torch.nan_to_num(packed, nan=1.0) >= 0.5
-
-    # -- the LLM's input ----------------------------------------------------------------------------
     def _on_text_pre(self, module, args, kwargs):
         fwd, self._fwd = self._fwd, None
         self._run = None

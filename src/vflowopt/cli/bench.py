@@ -1,0 +1,259 @@
+"""`vflowopt bench`: efficiency and fidelity of every method at every budget."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .common import (
+    NO_HUB,
+    TINY_MODEL_NAME,
+    CLIError,
+    _error,
+    _load_image,
+    _load_model,
+    _one_line,
+    _positive_int,
+    _processor_from_parts,
+)
+
+BENCH_BUDGETS = "1.0,0.5,0.25,0.1"
+
+
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth")
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from ..bench.realmodels import REAL_MODELS
+
+    p = sub.add_parser(
+        "bench",
+        help="measure FLOPs, KV cache, latency, memory and fidelity of methods at budgets",
+        description=(
+            "Measure every method at every budget on one model and one input, the same way for all: "
+            "analytic prefill FLOPs (2 x multiply-adds), KV-cache bytes after prefill, prefill and "
+            "end-to-end latency (median of --repeats after warm-up), peak memory, pruning overhead, and "
+            "fidelity to the unpruned model (cosine of the last hidden state, next-token KL, greedy "
+            "token agreement). --model takes a local directory or one of the shipped architectures "
+            f"({', '.join(REAL_MODELS)}), built with RANDOM weights for timing at real scale. Without "
+            "--model the bundled tiny random LLaVA-OneVision is used. Nothing is downloaded."
+        ),
+    )
+    p.add_argument("--model", metavar="DIR|NAME",
+                   help="local model directory, or a shipped architecture name; default: the bundled tiny model")
+    p.add_argument("--methods", metavar="A,B,...",
+                   help="comma-separated methods (default: every registered one); see vflowopt.available_methods()")
+    p.add_argument("--budgets", default=BENCH_BUDGETS, metavar="B1,B2,...",
+                   help=f"comma-separated budgets in (0, 1] (default: {BENCH_BUDGETS})")
+    p.add_argument("--images", nargs="+", metavar="FILE",
+                   help="image file(s), all in one prompt; default: a procedural picture (see --image-size)")
+    p.add_argument("--num-images", type=_positive_int, default=1, metavar="K",
+                   help="without --images: how many procedural pictures to put in the prompt (default: 1)")
+    p.add_argument("--image-size", type=_positive_int, metavar="PX",
+                   help="without --images: side of the procedural pictures (default: the vision tower's "
+                        "input size; 448 for Qwen-VL)")
+    p.add_argument("--prompt", default="Describe the image in detail.", metavar="TEXT", help="the text prompt")
+    p.add_argument("--new-tokens", type=_positive_int, default=8, metavar="N",
+                   help="tokens generated for end-to-end latency and token agreement (default: 8)")
+    p.add_argument("--repeats", type=_positive_int, default=3, metavar="R", help="timed runs per cell (default: 3)")
+    p.add_argument("--warmup", type=int, default=1, metavar="W", help="untimed runs per cell first (default: 1)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+    p.add_argument("--dtype", choices=tuple(_DTYPES),
+                   help="weights and activations (default: fp32 on cpu, bf16 on cuda)")
+    p.add_argument("--threads", type=_positive_int, metavar="N", help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--json", metavar="OUT.json", help="write the records (updated after every cell)")
+    p.add_argument("--csv", metavar="OUT.csv", help="write the records as CSV (updated after every cell)")
+    p.add_argument("--plot", metavar="OUT.png", help="plot speedup and fidelity against budget")
+    p.add_argument("--allow-random", action="store_true",
+                   help="accept a model directory holding only a config: random weights, meaningless fidelity")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _split_list(text: str, what: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise CLIError(f"--{what} needs at least one value")
+    return items
+
+
+def _bench_grid(args: argparse.Namespace) -> tuple[list[str], list[float]]:
+    import vflowopt
+    from vflowopt.bench.run import validate_grid
+
+    methods = None if args.methods is None else _split_list(args.methods, "methods")
+    budgets = []
+    for text in _split_list(args.budgets, "budgets"):
+        try:
+            budgets.append(float(text))
+        except ValueError:
+            raise CLIError(f"budget must be a number in (0, 1], got {text!r}") from None
+    try:
+        return validate_grid(methods, budgets)
+    except vflowopt.ConfigError as exc:
+        raise CLIError(str(exc)) from None
+    except TypeError as exc:  # a method whose config takes no budget
+        raise CLIError(f"a method does not accept a budget: {exc}") from None
+
+
+def _has_weights(path: Path) -> bool:
+    return any(any(path.glob(pattern)) for pattern in _WEIGHT_FILES)
+
+
+def _bench_model(args: argparse.Namespace, dtype):
+    """(model, processor, name, random_weights), on args.device in `dtype`, or a CLIError."""
+    import torch
+
+    from vflowopt.bench.realmodels import (
+        REAL_MODELS,
+        build_random_model,
+        load_real_config,
+        offline_processor,
+        set_generation_ids,
+    )
+
+    if args.model is None:
+        from vflowopt.tiny import tiny_llava_onevision
+
+        model, processor = tiny_llava_onevision()
+        return model.to(args.device, dtype), processor, TINY_MODEL_NAME, True
+    if args.model in REAL_MODELS:
+        config = load_real_config(args.model)
+        processor = offline_processor(config, args.model)
+        model = build_random_model(config, dtype=dtype, device=args.device)
+        set_generation_ids(model, processor)
+        return model, processor, f"{args.model} (shipped architecture, random weights)", True
+    path = Path(args.model).expanduser()
+    if not path.is_dir():
+        raise CLIError(f"model directory not found: {args.model} (--model takes a local directory or one of "
+                       f"{', '.join(REAL_MODELS)}; {NO_HUB})")
+    if not (path / "config.json").is_file():
+        raise CLIError(f"{args.model} has no config.json, so it is not a saved transformers model ({NO_HUB})")
+    if _has_weights(path):
+        model, processor = _load_model(args.model)
+        return model.to(args.device, dtype), processor, args.model, False
+    if not args.allow_random:
+        raise CLIError(f"{args.model} holds a config but no weights; pass --allow-random to benchmark it with "
+                       "random weights (timing only: fidelity is then meaningless)")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise CLIError(f"could not read the config in {args.model}: {_one_line(exc)}") from None
+    try:
+        processor = _processor_from_parts(path)
+    except Exception:  # noqa: BLE001 - no processor files: build one offline from the config
+        try:
+            processor = offline_processor(config)
+        except Exception as exc:  # noqa: BLE001
+            raise CLIError(f"no processor in {args.model} and none can be built offline: {_one_line(exc)}") from None
+    try:
+        model = build_random_model(config, dtype=dtype, device=args.device)
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        raise CLIError(f"out of memory building {args.model} with random weights: {_one_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001
+        raise CLIError(f"could not build a model from {args.model}/config.json: {_one_line(exc)}") from None
+    if getattr(processor.tokenizer, "image_token_id", None) is not None and hasattr(processor, "image_token"):
+        set_generation_ids(model, processor)
+    return model, processor, f"{args.model} (random weights)", True
+
+
+def _bench_images(args: argparse.Namespace, model) -> tuple[list, dict]:
+    from vflowopt.tiny import example_image
+
+    if args.images:
+        return [_load_image(f) for f in args.images], {"images": list(args.images)}
+    vc = model.config.vision_config
+    qwen = str(getattr(vc, "model_type", "")).startswith("qwen")
+    side = args.image_size or (448 if qwen else int(vc.image_size))
+    images = [example_image(seed=i, size=(side, side)) for i in range(args.num_images)]
+    return images, {"images": f"{args.num_images} procedural picture(s) of {side}x{side} px"}
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    console = Console() if sys.stdout.isatty() else Console(width=200)
+    methods, budgets = _bench_grid(args)  # fails fast, before any model is loaded
+    if args.warmup < 0:
+        raise CLIError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.images:
+        for f in args.images:
+            if not Path(f).is_file():
+                raise CLIError(f"image file not found: {f}")
+
+    import torch
+
+    import vflowopt
+    from vflowopt.bench.report import RANDOM_WEIGHTS_NOTE, bench_meta, plot_bench, print_table, write_csv, write_json
+    from vflowopt.bench.run import run_bench
+    from vflowopt.tiny import build_inputs
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda was asked for, but torch sees no CUDA device")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype_name = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    dtype = getattr(torch, _DTYPES[dtype_name])
+    model, processor, model_name, random_weights = _bench_model(args, dtype)
+    try:
+        vflowopt.models.base.adapter_for(model)
+    except vflowopt.ConfigError as exc:
+        raise CLIError(str(exc)) from None
+    images, inputs_info = _bench_images(args, model)
+    try:
+        inputs = build_inputs(processor, images, [args.prompt])
+    except Exception as exc:  # noqa: BLE001 - a processor that cannot format this prompt
+        raise CLIError(f"the processor could not prepare the prompt and images: {_one_line(exc)}") from None
+    if "pixel_values" in inputs and torch.is_floating_point(inputs["pixel_values"]):
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    image_id = vflowopt.models.base.adapter_for(model).image_token_id
+    inputs_info.update(prompt=args.prompt, prompt_tokens=int(inputs["input_ids"].shape[1]),
+                       image_tokens=int((inputs["input_ids"] == image_id).sum()))
+    meta = bench_meta(model, model_name=model_name, device=args.device, random_weights=random_weights,
+                      new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup, inputs_info=inputs_info)
+    if random_weights:
+        console.print(f"{RANDOM_WEIGHTS_NOTE} ({model_name}); timings, FLOPs and memory are valid.",
+                      style="bold yellow", markup=False, highlight=False)
+    console.print(f"{model_name}: {inputs_info['prompt_tokens']} prompt tokens, {inputs_info['image_tokens']} image "
+                  f"tokens; {len(methods)} method(s) x {len(budgets)} budget(s) + unpruned reference",
+                  markup=False, highlight=False)
+
+    records: list = []
+
+    def save(record) -> None:
+        records.append(record)
+        if args.json:
+            write_json(args.json, records, meta)
+        if args.csv:
+            write_csv(args.csv, records, meta)
+
+    try:
+        run_bench(model, inputs, methods, budgets, new_tokens=args.new_tokens, repeats=args.repeats,
+                  warmup=args.warmup, random_weights=random_weights, progress=True, on_record=save)
+    except vflowopt.ConfigError as exc:
+        raise CLIError(str(exc)) from None
+    except KeyboardInterrupt:
+        raise CLIError(f"interrupted after {len(records)} record(s); those are in the --json/--csv outputs",
+                       code=130) from None
+    except Exception as exc:  # noqa: BLE001 - the unpruned reference itself failed (e.g. out of memory)
+        raise CLIError(f"the unpruned reference run failed: {_one_line(exc)}", code=1) from None
+    print_table(console, records, meta)
+    if args.plot:
+        plot_bench(args.plot, records, meta)
+    written = [x for x in (args.json, args.csv, args.plot) if x]
+    if written:
+        console.print("wrote " + ", ".join(written), markup=False, highlight=False)
+    failed = [r for r in records if r.error]
+    if failed:
+        _error(f"{len(failed)} cell(s) failed (recorded with their error): "
+               + "; ".join(f"{r.method}@{r.budget:g}: {r.error}" for r in failed[:3]))
+        # out of memory, or a budget a method cannot reach on this model (ConfigError), is a result;
+        # anything else is a failure of the method on this model
+        if any(not r.error.startswith(("out of memory", "ConfigError")) for r in failed):
+            return 1
+    return 0

@@ -1,0 +1,216 @@
+"""`vflowopt optimize`: search a pruning strategy for a model and budget."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .common import (
+    DEFAULT_METHOD,
+    TINY_MODEL_NAME,
+    CLIError,
+    _budget,
+    _load_model,
+    _note,
+    _one_line,
+    _positive_int,
+    _round,
+)
+
+
+def _add_optimize(sub: argparse._SubParsersAction) -> None:
+    from ..search import DEFAULT_SAMPLES, DEFAULT_STARTUP_TRIALS, DEFAULT_STORAGE_FILE, DEFAULT_TRIALS
+
+    p = sub.add_parser(
+        "optimize",
+        help="search the pruning strategy for a model and budget (Bayesian optimization)",
+        description=(
+            "Search the pruning strategy (R1, R2, t, alpha, a; R3 solved from the budget) that keeps the "
+            "last prompt token's last-layer representation closest to the unpruned model's on a few "
+            "unlabeled samples (VFlowOpt paper 3.3), with Optuna's GPSampler. The study lives in a "
+            "storage (default: a SQLite file), so re-running the same command continues an interrupted "
+            "search up to --trials. The best strategy is written as a JSON for `vflowopt run --strategy`. "
+            "Without --model the bundled tiny RANDOMLY INITIALISED model is used; without --data the "
+            "procedural sample images shipped with vflowopt. Nothing is downloaded."
+        ),
+    )
+    p.add_argument("--model", metavar="DIR",
+                   help="local model directory; default: the bundled tiny random LLaVA-OneVision")
+    p.add_argument("--data", metavar="FILE.jsonl",
+                   help='one {"image": path, "prompt": text} object per line (paths relative to the file); '
+                        "default: the sample images shipped with vflowopt")
+    p.add_argument("--budget", type=_budget, required=True, metavar="B",
+                   help="mean fraction of visual tokens kept over the LLM layers, in (0, 1]")
+    p.add_argument("--method", default=DEFAULT_METHOD, metavar="NAME",
+                   help=f"method to tune (default: {DEFAULT_METHOD})")
+    p.add_argument("--trials", type=_positive_int, default=DEFAULT_TRIALS, metavar="N",
+                   help=f"total complete trials wanted in the study (default: {DEFAULT_TRIALS}); "
+                        "a re-run continues up to it")
+    p.add_argument("--samples", type=_positive_int, default=DEFAULT_SAMPLES, metavar="N",
+                   help=f"samples used (default: {DEFAULT_SAMPLES}); a seeded random subset of a larger file")
+    p.add_argument("--storage", metavar="URL",
+                   help=f"Optuna storage URL or SQLite file (default: {DEFAULT_STORAGE_FILE} next to --out)")
+    p.add_argument("--study-name", metavar="NAME", help="default: <method>-budget<B>")
+    p.add_argument("--out", metavar="FILE", help="strategy JSON to write (default: <study name>.json)")
+    p.add_argument("--plot", metavar="FILE.png", help="write the optimization history (needs matplotlib)")
+    p.add_argument("--seed", type=int, default=0, help="makes the search reproducible (default: 0)")
+    p.add_argument("--startup-trials", type=int, default=DEFAULT_STARTUP_TRIALS, metavar="N",
+                   help=f"uniform (Sobol) trials before the Gaussian process takes over "
+                        f"(default: {DEFAULT_STARTUP_TRIALS})")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.set_defaults(func=_cmd_optimize)
+
+
+def _optimize_data(args: argparse.Namespace, console):
+    """The calibration records (images opened), or a CLIError; warnings become one line each."""
+    import warnings
+
+    import vflowopt
+    from vflowopt.search.data import load_jsonl, shipped_samples
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            if args.data is None:
+                records = shipped_samples(args.samples, args.seed)
+            else:
+                records = load_jsonl(args.data, args.samples, args.seed)
+        except vflowopt.ConfigError as exc:
+            raise CLIError(str(exc)) from None
+    for w in caught:
+        print(f"vflowopt: warning: {w.message}", file=sys.stderr)
+    if args.data is None:
+        _note(f"No --data given: using {len(records)} procedural sample images shipped with vflowopt.",
+              args, console)
+    return records
+
+
+def _cmd_optimize(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    import vflowopt
+
+    console = Console()
+    try:  # fail fast, before any model is loaded
+        cfg = vflowopt.config_for(args.method, budget=args.budget)
+        cfg.validate()
+        from vflowopt.search.space import space_for
+
+        space_for(args.method, args.budget, 3)  # the method declares a search space
+    except vflowopt.ConfigError as exc:
+        raise CLIError(str(exc)) from None
+    if args.startup_trials < 0:
+        raise CLIError(f"--startup-trials must be >= 0, got {args.startup_trials}")
+    records = _optimize_data(args, console)
+
+    import torch
+
+    from vflowopt.search import default_study_name, run_optimization
+    from vflowopt.search.plot import plot_history
+    from vflowopt.tiny import build_inputs, tiny_llava_onevision
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda was asked for, but torch sees no CUDA device")
+    random_weights = args.model is None
+    if random_weights:
+        _note("Using the bundled tiny RANDOMLY INITIALISED model: the strategy found is meaningless for any "
+              "real model; it demonstrates the search only. Pass --model DIR for a real model.",
+              args, console, style="bold yellow")
+        model, processor = tiny_llava_onevision()
+        model_name = TINY_MODEL_NAME
+    else:
+        model, processor = _load_model(args.model)
+        model_name = args.model
+    model.to(args.device)
+
+    samples = []
+    for rec in records:
+        try:
+            samples.append(build_inputs(processor, [rec.image], [rec.prompt]).to(args.device))
+        except Exception as exc:  # noqa: BLE001 - a processor that cannot format this sample
+            raise CLIError(f"line {rec.line}: the processor could not prepare the prompt and image: "
+                           f"{_one_line(exc)}") from None
+
+    study_name = args.study_name or default_study_name(args.method, args.budget)
+    out = Path(args.out) if args.out else Path(f"{study_name}.json")
+    try:
+        result = run_optimization(
+            model, samples, args.budget, trials=args.trials, seed=args.seed, storage=args.storage,
+            method=args.method, study_name=study_name, n_startup_trials=args.startup_trials,
+            progress=True, out=out,
+        )
+        if args.plot:
+            plot_history(result, args.plot)
+    except vflowopt.ConfigError as exc:
+        raise CLIError(str(exc)) from None
+    except vflowopt.PruningError as exc:
+        raise CLIError(str(exc), code=1) from None
+    except KeyboardInterrupt:
+        raise CLIError(
+            f"interrupted; every finished trial is kept in study '{study_name}': run the same command again "
+            "to continue", code=130,
+        ) from None
+
+    strategy = {k: _round(v, 6) for k, v in result.config.to_dict().items() if k != "schema_version"}
+    report = {
+        "model": model_name,
+        "model_class": type(model).__name__,
+        "random_weights": random_weights,
+        "data": args.data if args.data is not None else "shipped samples",
+        "samples": result.n_samples,
+        "method": result.config.method,
+        "budget": result.config.budget,
+        "study": result.study_name,
+        "storage": result.storage,
+        "trials_complete": result.trials_complete,
+        "trials_feasible": result.trials_feasible,
+        "trials_new": result.trials_new,
+        "trials_running_ignored": result.trials_running_ignored,
+        "best_trial": result.best_trial,
+        "objective": _round(result.value, 6),
+        "default_objective": _round(result.default_value, 6),
+        "search_space": result.space.summary(),
+        "strategy": strategy,
+        "out": str(out),
+        "plot": args.plot,
+    }
+    if args.json:
+        print(json.dumps(report))
+    else:
+        _print_optimize_report(console, report)
+    return 0
+
+
+def _print_optimize_report(console, report: dict) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    n = report["samples"]
+    s = report["strategy"]
+    table = Table(title="Best strategy found", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("model", escape(f"{report['model']} ({report['model_class']})"))
+    table.add_row("method / budget", f"{report['method']} / {report['budget']:g}")
+    table.add_row("study", escape(f"{report['study']} in {report['storage']}"))
+    infeasible = report["trials_complete"] - report["trials_feasible"]
+    table.add_row("trials", f"{report['trials_complete']} complete ({report['trials_new']} this run), "
+                            f"{infeasible} infeasible; best: trial {report['best_trial']}")
+    if report["trials_running_ignored"]:
+        table.add_row("  ignored", f"{report['trials_running_ignored']} trial(s) left RUNNING (killed runs)")
+    table.add_row("objective (best)", f"{report['objective']:.4f} of {n} (mean cos {report['objective'] / n:.4f})")
+    table.add_row("objective (default)", f"{report['default_objective']:.4f} of {n} "
+                                         f"(mean cos {report['default_objective'] / n:.4f}; "
+                                         f"{report['method']} defaults at budget {report['budget']:g})")
+    if "retention" in s:
+        table.add_row("retention R1, R2, R3", ", ".join(f"{r:.4f}" for r in s["retention"]))
+    for key, label in (("stage_layers", "stage layers"), ("threshold", "threshold t"),
+                       ("entropy_weight", "entropy weight α"), ("grid_size", "grid size a")):
+        if key in s:
+            value = s[key]
+            table.add_row(label, ", ".join(map(str, value)) if isinstance(value, list) else f"{value:.4g}")
+    table.add_row("written to", escape(report["out"]) + (f"; plot: {escape(report['plot'])}" if report["plot"] else ""))
+    console.print(table)

@@ -1,0 +1,231 @@
+"""`vflowopt run`: answer one prompt with pruning attached and show what pruning did."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from typing import Any
+
+from .common import (
+    DEFAULT_BUDGET,
+    DEFAULT_METHOD,
+    EXAMPLE_IMAGE,
+    TINY_MODEL_NAME,
+    CLIError,
+    _budget,
+    _layer_ranges,
+    _load_image,
+    _load_model,
+    _note,
+    _one_line,
+    _positive_int,
+    _round,
+    _sync,
+)
+
+DEFAULT_MAX_NEW_TOKENS = 32
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="answer one prompt with pruning attached and show what pruning did",
+        description=(
+            "Answer one prompt about one image with visual-token pruning attached, and report the "
+            "strategy, the tokens kept at every stage, the KV-cache lengths and the timings. "
+            "Without --model the bundled tiny RANDOMLY INITIALISED model is used (meaningless "
+            "answers; it shows the mechanics only). Models are read from local directories only; "
+            "nothing is downloaded."
+        ),
+    )
+    p.add_argument("--model", metavar="DIR",
+                   help="local model directory (AutoModelForImageTextToText + AutoProcessor); "
+                        "default: the bundled tiny random LLaVA-OneVision")
+    p.add_argument("--image", metavar="FILE", help=f"image file; default: the bundled {EXAMPLE_IMAGE}")
+    p.add_argument("--prompt", required=True, metavar="TEXT", help="the question about the image")
+    p.add_argument("--method", metavar="NAME",
+                   help=f"pruning method (default: {DEFAULT_METHOD}); see vflowopt.available_methods()")
+    p.add_argument("--budget", type=_budget, metavar="B",
+                   help=f"mean fraction of visual tokens kept over the LLM layers, in (0, 1] "
+                        f"(default: {DEFAULT_BUDGET}); not with --strategy")
+    p.add_argument("--strategy", metavar="FILE", help="a saved config (JSON written by cfg.save)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
+                   help=f"tokens to generate (default: {DEFAULT_MAX_NEW_TOKENS})")
+    p.add_argument("--positions", choices=("keep", "compact"),
+                   help="keep the original position ids (default) or renumber after the pre-LLM stage "
+                        "as the official code does")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.set_defaults(func=_cmd_run)
+
+
+def _run_config(args: argparse.Namespace):
+    """The config to apply, validated before anything heavy is loaded."""
+    import vflowopt
+
+    try:
+        if args.strategy is not None:
+            if args.budget is not None:
+                raise CLIError(
+                    "--budget cannot be combined with --strategy: the strategy file fixes the budget "
+                    "(edit the file, or drop --strategy to use --budget)"
+                )
+            cfg = vflowopt.load_config(args.strategy)
+            if args.method is not None and args.method != cfg.method:
+                raise CLIError(
+                    f"--method {args.method} contradicts the strategy file {args.strategy}, which is for "
+                    f"method '{cfg.method}'"
+                )
+            if args.positions is not None:
+                if not any(f.name == "positions" for f in dataclasses.fields(cfg)):
+                    raise CLIError(f"method '{cfg.method}' has no positions option")
+                cfg = dataclasses.replace(cfg, positions=args.positions)
+        else:
+            method = args.method if args.method is not None else DEFAULT_METHOD
+            budget = args.budget if args.budget is not None else DEFAULT_BUDGET
+            kwargs: dict[str, Any] = {"budget": budget}
+            if args.positions is not None:
+                kwargs["positions"] = args.positions
+            try:
+                cfg = vflowopt.config_for(method, **kwargs)
+            except TypeError as exc:  # a method without one of these options
+                raise CLIError(f"method '{method}' does not accept these options: {exc}") from None
+        cfg.validate()
+    except vflowopt.ConfigError as exc:
+        raise CLIError(str(exc)) from None
+    return cfg
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    console = Console()
+    cfg = _run_config(args)  # fails fast, before any model is loaded
+
+    import torch
+
+    import vflowopt
+    from vflowopt.tiny import build_inputs, tiny_llava_onevision
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda was asked for, but torch sees no CUDA device")
+    image = _load_image(args.image)
+    random_weights = args.model is None
+    if random_weights:
+        _note(
+            "Using the bundled tiny RANDOMLY INITIALISED model: its answers are meaningless; it "
+            "demonstrates the pruning mechanics only. Pass --model DIR for a real model.",
+            args, console, style="bold yellow",
+        )
+        model, processor = tiny_llava_onevision()
+        model_name = TINY_MODEL_NAME
+    else:
+        model, processor = _load_model(args.model)
+        model_name = args.model
+    if args.image is None:
+        _note(f"No --image given: using the bundled example picture ({EXAMPLE_IMAGE}).", args, console)
+    model.to(args.device)
+
+    try:
+        inputs = build_inputs(processor, [image], [args.prompt]).to(args.device)
+    except Exception as exc:  # noqa: BLE001 - a processor that cannot format this prompt
+        raise CLIError(f"the processor could not prepare the prompt and image: {_one_line(exc)}") from None
+    prompt_len = int(inputs["input_ids"].shape[1])
+
+    try:
+        handle = vflowopt.prune(model, cfg)
+    except vflowopt.ConfigError as exc:
+        raise CLIError(str(exc)) from None
+    try:
+        try:
+            # Generation first: it also warms up, so the prefill timed below excludes one-time costs.
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+            _sync(args.device)
+            generate_ms = 1000.0 * (time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                model(**inputs, logits_to_keep=1)
+            _sync(args.device)
+            prefill_ms = 1000.0 * (time.perf_counter() - t0)
+        except vflowopt.ConfigError as exc:
+            raise CLIError(str(exc)) from None
+        except vflowopt.PruningError as exc:
+            raise CLIError(str(exc), code=1) from None
+        stats = handle.stats
+        resolved = handle.config
+    finally:
+        handle.remove()
+
+    new_tokens = out[0, prompt_len:]
+    answer = processor.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+    strategy = {k: _round(v) for k, v in resolved.to_dict().items() if k != "schema_version"}
+    report = {
+        "model": model_name,
+        "model_class": type(model).__name__,
+        "random_weights": random_weights,
+        "image": args.image if args.image is not None else EXAMPLE_IMAGE,
+        "prompt": args.prompt,
+        "answer": answer,
+        "new_tokens": int(new_tokens.numel()),
+        "method": resolved.method,
+        "budget": _round(resolved.budget),
+        "strategy": strategy,
+        "visual_tokens": stats.visual_tokens,
+        "stages": [{"stage": name, "visual_tokens_kept": n} for name, n in stats.stages],
+        "recycled_tokens": stats.recycled_tokens,
+        "prompt_tokens": stats.prompt_tokens,
+        "tokens_into_llm": stats.tokens_into_llm,
+        "visual_tokens_per_layer": list(stats.visual_tokens_per_layer),
+        "kv_tokens_per_layer": list(stats.kv_tokens_per_layer),
+        "mean_retention": _round(stats.mean_retention),
+        "prefill_ms": _round(prefill_ms, 2),
+        "pruning_ms": _round(stats.pruning_ms, 2),
+        "generate_ms": _round(generate_ms, 2),
+        "device": args.device,
+    }
+    if args.json:
+        print(json.dumps(report))
+    else:
+        _print_report(console, report, stats)
+    return 0
+
+
+def _print_report(console, report: dict, stats) -> None:
+    from rich.markup import escape
+    from rich.panel import Panel
+    from rich.table import Table
+
+    answer = report["answer"] or "(empty)"
+    title = "Answer (random weights: meaningless)" if report["random_weights"] else "Answer"
+    console.print(Panel(escape(answer), title=title, title_align="left", expand=False))
+
+    s = report["strategy"]
+    n_vis = report["visual_tokens"]
+    table = Table(title="What pruning did", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("model", escape(f"{report['model']} ({report['model_class']})"))
+    table.add_row("method / budget", f"{report['method']} / {report['budget']}")
+    if "retention" in s:
+        table.add_row("retention R1, R2, R3", ", ".join(f"{r:.4g}" for r in s["retention"]))
+    for key, label in (("stage_layers", "stage layers"), ("threshold", "threshold t"),
+                       ("entropy_weight", "entropy weight α"), ("grid_size", "grid size a"),
+                       ("positions", "positions")):
+        if key in s:
+            value = s[key]
+            table.add_row(label, ", ".join(map(str, value)) if isinstance(value, list) else str(value))
+    table.add_row("visual tokens produced", str(n_vis))
+    if stats.stages:
+        table.add_row("visual tokens kept", ", ".join(f"{name}: {n}" for name, n in stats.stages))
+        table.add_row("  of which recycled", str(report["recycled_tokens"]))
+    table.add_row("tokens into the LLM", f"{report['tokens_into_llm']} of {report['prompt_tokens']} prompt tokens")
+    table.add_row("KV tokens per layer", _layer_ranges(report["kv_tokens_per_layer"]))
+    table.add_row("mean retention", f"{report['mean_retention']:.4f}")
+    table.add_row("prefill", f"{report['prefill_ms']:.1f} ms")
+    table.add_row("pruning overhead", f"{report['pruning_ms']:.1f} ms (within the prefill)")
+    table.add_row("generation", f"{report['generate_ms']:.1f} ms for {report['new_tokens']} new tokens")
+    console.print(table)
