@@ -14,7 +14,8 @@ import vflowopt
 from conftest import all_hooks, one_image_inputs
 from vflowopt.config import ConfigError, config_for, load_config
 from vflowopt.methods.base import PrefillContext
-from vflowopt.methods.fastv import FastVConfig, fastv_keep_ratio, keep_top_per_image, last_token_scores
+from vflowopt.methods.common import keep_top_per_image, last_token_scores
+from vflowopt.methods.fastv import FastVConfig, fastv_keep_ratio
 from vflowopt.methods.pdrop import PDropConfig, PDropMethod, solve_uniform_ratio, staged_mean
 from vflowopt.methods.sparsevlm import (
     SparseVLMConfig,

@@ -15,8 +15,9 @@ import torch
 import vflowopt
 from conftest import all_hooks, one_image_inputs
 from vflowopt.config import ConfigError, config_for, load_config
+from vflowopt.methods.common import apportion
 from vflowopt.methods.divprune import divprune_order
-from vflowopt.methods.pool import apportion, pool_grid, pool_windows
+from vflowopt.methods.pool import pool_grid, pool_windows
 from vflowopt.methods.random_prune import random_keep
 from vflowopt.methods.visionzip import visionzip_select
 from vflowopt.search.space import space_for

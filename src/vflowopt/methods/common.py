@@ -12,7 +12,7 @@ from ..config import ConfigError, PruneConfig
 from ..errors import PruningError
 from ..models.base import ModelAdapter, VisualTokens
 from ..signals.llm_attention import attention_rows
-from .base import PrefillContext, topk_per_group
+from .base import PrefillContext, PruningMethod, topk_per_group
 
 
 # -- methods that prune once before the LLM ----------------------------------------------------------
@@ -143,3 +143,35 @@ def take_scores(store: dict[int, torch.Tensor], layer: int, current: torch.Tenso
 def check_layer_int(name: str, value) -> None:
     if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
         raise ConfigError(f"{name} must be an integer LLM layer index, got {value!r}")
+
+
+class LastTokenAttentionMethod(PruningMethod):
+    """Base of methods that prune at `llm_layers`, ranking each image's visual tokens by the last
+    prompt token's attention at the layer before (FastV, PDrop); subclasses set the layers and say
+    which fraction of the original tokens each layer keeps (`fraction_at`)."""
+
+    name = ""
+
+    def __init__(self, config: PruneConfig, adapter: ModelAdapter, layers: tuple[int, ...]):
+        super().__init__(config, adapter)
+        self.llm_layers = tuple(layers)
+        self.llm_attention_layers = tuple(k - 1 for k in layers)
+        self._scores: dict[int, torch.Tensor] = {}
+
+    def fraction_at(self, layer: int) -> float:
+        raise NotImplementedError
+
+    @property
+    def prunes_before_llm(self) -> bool:
+        return False
+
+    def reset(self) -> None:
+        self._scores = {}
+
+    def on_llm_attention(self, ctx: PrefillContext, layer: int, query, key, value, mask, scaling) -> None:
+        self._scores[layer + 1] = last_token_scores(query, key, ctx.visual_pos, ctx.seq_len, scaling, mask)
+
+    def at_layer(self, ctx: PrefillContext, layer: int, current: torch.Tensor,
+                 hidden_states: torch.Tensor) -> torch.Tensor:
+        scores = take_scores(self._scores, layer, current, self.name)
+        return keep_top_per_image(scores, ctx.layout.tokens, current, self.fraction_at(layer))

@@ -22,17 +22,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import torch
-
 from ..config import ConfigError, PruneConfig, check_fraction, register_method
 from ..models.base import ModelAdapter
-from .base import PrefillContext, PruningMethod
 from .common import (
+    LastTokenAttentionMethod,
     check_layer_int,
     check_prune_layers,
-    keep_top_per_image,
-    last_token_scores,
-    take_scores,
 )
 
 DEFAULT_LAYER = 2  # the paper's K
@@ -120,29 +115,15 @@ class FastVConfig(PruneConfig):
                        num_layers=n_layers)
 
 
-class FastVMethod(PruningMethod):
+class FastVMethod(LastTokenAttentionMethod):
     config_cls = FastVConfig
+    name = "fastv"
 
     def __init__(self, config: FastVConfig, adapter: ModelAdapter):
-        super().__init__(config, adapter)
-        self.llm_layers = (config.layer,)
-        self.llm_attention_layers = (config.layer - 1,)
-        self._scores: dict[int, torch.Tensor] = {}
+        super().__init__(config, adapter, (config.layer,))
 
-    @property
-    def prunes_before_llm(self) -> bool:
-        return False
-
-    def reset(self) -> None:
-        self._scores = {}
-
-    def on_llm_attention(self, ctx: PrefillContext, layer: int, query, key, value, mask, scaling) -> None:
-        self._scores[layer + 1] = last_token_scores(query, key, ctx.visual_pos, ctx.seq_len, scaling, mask)
-
-    def at_layer(self, ctx: PrefillContext, layer: int, current: torch.Tensor,
-                 hidden_states: torch.Tensor) -> torch.Tensor:
-        scores = take_scores(self._scores, layer, current, "fastv")
-        return keep_top_per_image(scores, ctx.layout.tokens, current, self.config.keep_ratio)
+    def fraction_at(self, layer: int) -> float:
+        return self.config.keep_ratio
 
 
 register_method("fastv", FastVConfig, FastVMethod)

@@ -22,13 +22,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-import torch
-
 from ..budget import schedule_mean
 from ..config import ConfigError, PruneConfig, check_fraction, register_method
 from ..models.base import ModelAdapter
-from .base import PrefillContext, PruningMethod
-from .common import check_prune_layers, keep_top_per_image, last_token_scores, shift_defaults, take_scores
+from .common import LastTokenAttentionMethod, check_prune_layers, shift_defaults
 
 
 def default_pdrop_layers(num_layers: int) -> tuple[int, ...]:
@@ -208,31 +205,17 @@ def _per_stage(ratio, n: int) -> tuple[float, ...]:
     return tuple(ratio) if isinstance(ratio, (tuple, list)) else (float(ratio),) * n
 
 
-class PDropMethod(PruningMethod):
+class PDropMethod(LastTokenAttentionMethod):
     config_cls = PDropConfig
+    name = "pdrop"
 
     def __init__(self, config: PDropConfig, adapter: ModelAdapter):
-        super().__init__(config, adapter)
-        self.llm_layers = tuple(config.stage_layers)
-        self.llm_attention_layers = tuple(k - 1 for k in config.stage_layers)
+        super().__init__(config, adapter, tuple(config.stage_layers))
         fractions = cumulative(_per_stage(config.ratio, len(self.llm_layers)))
         self.fractions = dict(zip(self.llm_layers, fractions))  # layer -> fraction of the original kept
-        self._scores: dict[int, torch.Tensor] = {}
 
-    @property
-    def prunes_before_llm(self) -> bool:
-        return False
-
-    def reset(self) -> None:
-        self._scores = {}
-
-    def on_llm_attention(self, ctx: PrefillContext, layer: int, query, key, value, mask, scaling) -> None:
-        self._scores[layer + 1] = last_token_scores(query, key, ctx.visual_pos, ctx.seq_len, scaling, mask)
-
-    def at_layer(self, ctx: PrefillContext, layer: int, current: torch.Tensor,
-                 hidden_states: torch.Tensor) -> torch.Tensor:
-        scores = take_scores(self._scores, layer, current, "pdrop")
-        return keep_top_per_image(scores, ctx.layout.tokens, current, self.fractions[layer])
+    def fraction_at(self, layer: int) -> float:
+        return self.fractions[layer]
 
 
 register_method("pdrop", PDropConfig, PDropMethod)
