@@ -130,6 +130,15 @@ def shift_defaults(layers: tuple[int, ...], first: int, n_layers: int) -> tuple[
     return tuple(out)
 
 
+def resolve_stage_layers(given, defaults: tuple[int, ...], adapter: ModelAdapter) -> tuple[int, ...]:
+    """Stage layers for this model: the given ones checked, or the defaults moved up past the first
+    layer the family allows (Qwen3-VL's deepstack layers) and then checked."""
+    n_layers = adapter.num_llm_layers
+    if given is None:
+        given = shift_defaults(defaults, max(1, adapter.min_llm_prune_layer), n_layers)
+    return check_prune_layers("stage_layers", tuple(given), adapter)
+
+
 def take_scores(store: dict[int, torch.Tensor], layer: int, current: torch.Tensor, method: str) -> torch.Tensor:
     scores = store.pop(layer, None)
     if scores is None or scores.shape != current.shape:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from ..budget import schedule_mean
 from ..config import ConfigError, PruneConfig, check_fraction, register_method
 from ..models.base import ModelAdapter
-from .common import LastTokenAttentionMethod, check_prune_layers, shift_defaults
+from .common import LastTokenAttentionMethod, resolve_stage_layers
 
 
 def default_pdrop_layers(num_layers: int) -> tuple[int, ...]:
@@ -177,12 +177,7 @@ class PDropConfig(PruneConfig):
     def resolve(self, adapter: ModelAdapter) -> PDropConfig:
         self.validate()
         n_layers = adapter.num_llm_layers
-        first = max(1, adapter.min_llm_prune_layer)
-        if self.stage_layers is None:
-            stages = shift_defaults(default_pdrop_layers(n_layers), first, n_layers)
-        else:
-            stages = tuple(self.stage_layers)
-        stages = check_prune_layers("stage_layers", stages, adapter)
+        stages = resolve_stage_layers(self.stage_layers, default_pdrop_layers(n_layers), adapter)
         if isinstance(self.ratio, (tuple, list)) and len(self.ratio) != len(stages):
             raise ConfigError(f"ratio has {len(self.ratio)} entries but there are {len(stages)} stage layers {stages}")
         budget = self.budget

@@ -35,7 +35,7 @@ from ..config import ConfigError, PruneConfig, check_fraction, register_method
 from ..models.base import ModelAdapter
 from ..signals.llm_attention import attention_rows
 from .base import PrefillContext, PruningMethod, Selection
-from .common import check_prune_layers, image_counts, shift_defaults, take_scores
+from .common import image_counts, resolve_stage_layers, take_scores
 from .pdrop import cumulative, ratios_from_shares, solve_uniform_ratio, staged_mean
 
 #: the official scoring layers of a 32-layer LLM (`pruning_loc`); tokens leave at the next layer's input
@@ -268,12 +268,7 @@ class SparseVLMConfig(PruneConfig):
     def resolve(self, adapter: ModelAdapter) -> SparseVLMConfig:
         self.validate()
         n_layers = adapter.num_llm_layers
-        first = max(1, adapter.min_llm_prune_layer)
-        if self.stage_layers is None:
-            stages = shift_defaults(default_sparsevlm_layers(n_layers), first, n_layers)
-        else:
-            stages = tuple(self.stage_layers)
-        stages = check_prune_layers("stage_layers", stages, adapter)
+        stages = resolve_stage_layers(self.stage_layers, default_sparsevlm_layers(n_layers), adapter)
         budget = self.budget
         if self.retention is None:
             retention = default_schedule(budget, stages, n_layers)
