@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import vflowopt
+from checks import check_cache_and_decode, check_identity, generate
 from vflowopt.models.base import adapter_for
 from vflowopt.tiny import build_inputs, example_image
 from vflowopt.tiny_families import tiny_llava_next
@@ -35,44 +36,17 @@ def _inputs(proc, seeds=(0,), sizes=((80, 120),), prompt="What is in the image?"
     return build_inputs(proc, [example_image(seed=s, size=z) for s, z in zip(seeds, sizes)], [prompt])
 
 
-def _generate(model, inputs, n=5, **kw):
-    with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=n, do_sample=False, **kw)
-
-
 @pytest.mark.parametrize("attn", ATTN)
 def test_identity_at_full_budget(attn):
     model, proc = _model(attn)
-    inputs = _inputs(proc)
-    with torch.no_grad():
-        ref_logits = model(**inputs).logits
-    ref_tokens = _generate(model, inputs)
-    with vflowopt.pruned(model, vflowopt.VFlowOptConfig(budget=1.0, **STRATEGY)) as h:
-        with torch.no_grad():
-            logits = model(**inputs).logits
-        tokens = _generate(model, inputs)
-        assert h.stats.mean_retention == 1.0
-    assert torch.equal(logits, ref_logits)
-    assert torch.equal(tokens, ref_tokens)
+    check_identity(model, _inputs(proc), vflowopt.VFlowOptConfig(budget=1.0, **STRATEGY))
 
 
 @pytest.mark.parametrize("attn", ATTN)
 def test_cache_lengths_and_decode_match_no_cache_forward(attn):
     model, proc = _model(attn)
-    inputs = _inputs(proc)
-    n_new = 4
-    with vflowopt.pruned(model, vflowopt.VFlowOptConfig(budget=0.3, **STRATEGY)) as h:
-        out = _generate(model, inputs, n_new, return_dict_in_generate=True, output_logits=True)
-        kv = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
-        assert kv == [n + n_new - 1 for n in h.stats.kv_tokens_per_layer]
-        assert kv[-1] < kv[0]
-        # newline tokens are kept and not counted as visual tokens
-        assert h.stats.visual_tokens == 64
-        seq = out.sequences[:, :-1]
-        full = dict(inputs, input_ids=seq, attention_mask=torch.ones_like(seq))
-        with torch.no_grad():
-            no_cache = model(**full, use_cache=False).logits[:, -1]
-    assert torch.allclose(no_cache, out.logits[-1], atol=1e-4)
+    stats = check_cache_and_decode(model, _inputs(proc), vflowopt.VFlowOptConfig(budget=0.3, **STRATEGY))
+    assert stats.visual_tokens == 64  # newline tokens are kept and not counted as visual tokens
 
 
 def _vit_level_features(model, pixel_values):
@@ -144,13 +118,13 @@ def test_batch_equals_singles():
         batch = build_inputs(proc, images, prompts)
         with torch.no_grad():
             b_logits = model(**batch).logits[:, -1]
-        b_tokens = _generate(model, batch, 4)[:, -4:]
+        b_tokens = generate(model, batch, 4)[:, -4:]
         for i, (img, prompt) in enumerate(zip(images, prompts)):
             single = build_inputs(proc, [img], [prompt])
             with torch.no_grad():
                 s_logits = model(**single).logits[:, -1]
             assert torch.allclose(b_logits[i], s_logits[0], atol=1e-4)
-            assert torch.equal(b_tokens[i], _generate(model, single, 4)[0, -4:])
+            assert torch.equal(b_tokens[i], generate(model, single, 4)[0, -4:])
 
 
 def test_two_images_in_one_prompt_each_keep_their_share():
@@ -171,6 +145,6 @@ def test_two_images_in_one_prompt_each_keep_their_share():
             return sel
 
         h._engine.method.before_llm = spy
-        _generate(model, inputs, 2)
+        generate(model, inputs, 2)
     r1 = h.config.retention[0]
     assert len(kept) == 2 and all(k == round(r1 * n) for n, k in kept.values())

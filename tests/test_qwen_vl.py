@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import vflowopt
+from checks import check_cache_and_decode, check_identity, generate, no_cache_last_logits
 from conftest import all_hooks
 from vflowopt.models.base import adapter_for
 from vflowopt.signals.qwen_vision import qwen_vision_attention_probs
@@ -48,59 +49,21 @@ def _inputs(proc, seeds=(0,), prompt="What is in the image?"):
     return build_inputs(proc, [example_image(seed=s, size=SIZE) for s in seeds], [prompt])
 
 
-def _generate(model, inputs, n=5, **kw):
-    with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=n, do_sample=False, **kw)
-
-
-def _full_sequence_inputs(inputs, ids):
-    """Processor outputs for `ids` = prompt + generated tokens (text tokens: mm_token_type_ids 0)."""
-    full = dict(inputs)
-    full["input_ids"] = ids
-    full["attention_mask"] = torch.ones_like(ids)
-    mm = inputs["mm_token_type_ids"]
-    pad = torch.zeros(mm.shape[0], ids.shape[1] - mm.shape[1], dtype=mm.dtype)
-    full["mm_token_type_ids"] = torch.cat([mm, pad], 1)
-    return full
-
-
-def _no_cache_last_logits(model, inputs, ids):
-    with torch.no_grad():
-        return model(**_full_sequence_inputs(inputs, ids), use_cache=False).logits[:, -1]
-
-
 @pytest.mark.parametrize("attn", ATTN)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_identity_at_full_budget(family, attn):
     model, proc = make(family, attn)
-    inputs = _inputs(proc)
-    with torch.no_grad():
-        ref_logits = model(**inputs).logits
-    ref_tokens = _generate(model, inputs)
-    with vflowopt.pruned(model, vflowopt.VFlowOptConfig(budget=1.0, **STRATEGY)) as h:
-        with torch.no_grad():
-            logits = model(**inputs).logits
-        tokens = _generate(model, inputs)
-        assert h.stats.mean_retention == 1.0
-    assert torch.equal(logits, ref_logits)
-    assert torch.equal(tokens, ref_tokens)
+    check_identity(model, _inputs(proc), vflowopt.VFlowOptConfig(budget=1.0, **STRATEGY))
 
 
 @pytest.mark.parametrize("attn", ATTN)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cache_lengths_and_generate_decode_match_no_cache_forward(family, attn):
+    # the no-cache forward computes the M-RoPE positions itself (get_rope_index): this proves them
     model, proc = make(family, attn)
     inputs = _inputs(proc)
-    n_new = 4
-    with vflowopt.pruned(model, vflowopt.VFlowOptConfig(budget=0.3, **STRATEGY)) as h:
-        out = _generate(model, inputs, n_new, return_dict_in_generate=True, output_logits=True)
-        stats = h.stats
-        kv = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
-        assert kv == [n + n_new - 1 for n in stats.kv_tokens_per_layer]
-        assert kv[-1] < kv[0] < inputs["input_ids"].shape[1] + n_new - 1
-        # the full sequence without a cache: the model computes M-RoPE positions itself (get_rope_index)
-        no_cache = _no_cache_last_logits(model, inputs, out.sequences[:, :-1])
-    assert torch.allclose(no_cache, out.logits[-1], atol=1e-4)
+    stats = check_cache_and_decode(model, inputs, vflowopt.VFlowOptConfig(budget=0.3, **STRATEGY))
+    assert stats.kv_tokens_per_layer[0] < inputs["input_ids"].shape[1]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -117,7 +80,7 @@ def test_manual_decode_loop_continues_at_full_positions(family):
                 ids = torch.cat([ids, nxt], 1)
                 step = model(input_ids=nxt, past_key_values=past, use_cache=True)
                 past, logits = step.past_key_values, step.logits[:, -1]
-        no_cache = _no_cache_last_logits(model, inputs, ids)
+        no_cache = no_cache_last_logits(model, inputs, ids)
         assert int(model.model.rope_deltas.abs().max()) > 0  # really M-RoPE, not 1-D positions
     assert torch.allclose(no_cache, logits, atol=1e-4)
 
@@ -134,7 +97,7 @@ def test_kept_tokens_keep_their_mrope_columns():
             lambda m, a, kw: seen.append(kw["position_ids"].clone()), with_kwargs=True
         )
         try:
-            _generate(model, inputs, 2)
+            generate(model, inputs, 2)
         finally:
             spy.remove()
         engine = h._engine
@@ -249,13 +212,13 @@ def test_batch_equals_singles(family):
         batch = build_inputs(proc, images, prompts)
         with torch.no_grad():
             b_logits = model(**batch).logits[:, -1]
-        b_tokens = _generate(model, batch, 4)[:, -4:]
+        b_tokens = generate(model, batch, 4)[:, -4:]
         for i, (img, prompt) in enumerate(zip(images, prompts)):
             single = build_inputs(proc, [img], [prompt])
             with torch.no_grad():
                 s_logits = model(**single).logits[:, -1]
             assert torch.allclose(b_logits[i], s_logits[0], atol=1e-4)
-            assert torch.equal(b_tokens[i], _generate(model, single, 4)[0, -4:])
+            assert torch.equal(b_tokens[i], generate(model, single, 4)[0, -4:])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -276,8 +239,8 @@ def test_two_images_in_one_prompt_each_keep_their_share(family):
             return sel
 
         h._engine.method.before_llm = spy
-        out = _generate(model, inputs, 3, return_dict_in_generate=True, output_logits=True)
-        no_cache = _no_cache_last_logits(model, inputs, out.sequences[:, :-1])
+        out = generate(model, inputs, 3, return_dict_in_generate=True, output_logits=True)
+        no_cache = no_cache_last_logits(model, inputs, out.sequences[:, :-1])
     r1 = h.config.retention[0]
     grid = inputs["image_grid_thw"]
     assert [n for n, _ in kept.values()] == [int(g.prod()) // 4 for g in grid]

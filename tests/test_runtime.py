@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import vflowopt
+from checks import check_cache_and_decode, check_identity, generate
 from conftest import all_hooks, one_image_inputs
+from vflowopt.models.base import adapter_for
 from vflowopt.tiny import build_inputs, example_image
 
 FAMILIES = ["llava", "llava_onevision"]
@@ -15,27 +17,11 @@ ATTN = ["sdpa", "eager"]
 STRATEGY = dict(threshold=1.5, entropy_weight=0.5, grid_size=2)
 
 
-def _generate(model, inputs, n=6, **kw):
-    with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=n, do_sample=False, **kw)
-
-
 @pytest.mark.parametrize("attn", ATTN)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_identity_at_full_budget(make_model, family, attn):
     model, proc = make_model(family, attn)
-    inputs = one_image_inputs(proc)
-    with torch.no_grad():
-        ref_logits = model(**inputs).logits
-    ref_tokens = _generate(model, inputs)
-    with vflowopt.pruned(model, vflowopt.VFlowOptConfig(budget=1.0, **STRATEGY)) as h:
-        assert all_hooks(model) > 0
-        with torch.no_grad():
-            logits = model(**inputs).logits
-        tokens = _generate(model, inputs)
-        assert h.stats.mean_retention == 1.0
-    assert torch.equal(logits, ref_logits)
-    assert torch.equal(tokens, ref_tokens)
+    check_identity(model, one_image_inputs(proc), vflowopt.VFlowOptConfig(budget=1.0, **STRATEGY))
 
 
 @pytest.mark.parametrize("positions", ["keep", "compact"])
@@ -43,26 +29,12 @@ def test_identity_at_full_budget(make_model, family, attn):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cache_lengths_and_decode_match_no_cache_forward(make_model, family, attn, positions):
     model, proc = make_model(family, attn)
-    inputs = one_image_inputs(proc)
     cfg = vflowopt.VFlowOptConfig(budget=0.3, positions=positions, **STRATEGY)
-    n_new = 5
-    with vflowopt.pruned(model, cfg) as h:
-        out = _generate(model, inputs, n_new, return_dict_in_generate=True, output_logits=True)
-        stats = h.stats
-        kv = [layer.keys.shape[-2] for layer in out.past_key_values.layers]
-        # the cache holds what each layer saw at prefill plus the n_new - 1 fed-back tokens
-        assert kv == [n + n_new - 1 for n in stats.kv_tokens_per_layer]
-        k1, k2 = h.config.stage_layers
-        assert len(set(kv[:k1])) == 1 and kv[0] > kv[k1] >= kv[k2] or stats.stages[1][1] == stats.stages[0][1]
-        assert kv[-1] < kv[0]
-        assert stats.tokens_into_llm < stats.prompt_tokens
-        seq = out.sequences
-        full = {k: v for k, v in inputs.items()}
-        full["input_ids"] = seq[:, :-1]
-        full["attention_mask"] = torch.ones_like(seq[:, :-1])
-        with torch.no_grad():
-            no_cache = model(**full, use_cache=False).logits[:, -1]
-    assert torch.allclose(no_cache, out.logits[-1], atol=1e-4)
+    stats = check_cache_and_decode(model, one_image_inputs(proc), cfg, n_new=5)
+    kv = stats.kv_tokens_per_layer
+    k1, k2 = vflowopt.VFlowOptConfig(budget=0.3).resolve(adapter_for(model)).stage_layers
+    assert len(set(kv[:k1])) == 1 and kv[0] >= kv[k1] > kv[k2]
+    assert stats.tokens_into_llm < stats.prompt_tokens
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -116,13 +88,13 @@ def test_batch_equals_singles(make_model, family):
         batch = build_inputs(proc, images, prompts)
         with torch.no_grad():
             b_logits = model(**batch).logits[:, -1]
-        b_tokens = _generate(model, batch)[:, -6:]
+        b_tokens = generate(model, batch)[:, -6:]
         for i, (img, prompt) in enumerate(zip(images, prompts)):
             single = build_inputs(proc, [img], [prompt])
             with torch.no_grad():
                 s_logits = model(**single).logits[:, -1]
             assert torch.allclose(b_logits[i], s_logits[0], atol=1e-4)
-            assert torch.equal(b_tokens[i], _generate(model, single)[0, -6:])
+            assert torch.equal(b_tokens[i], generate(model, single)[0, -6:])
 
 
 def test_batch_with_different_visual_counts_is_refused(make_model):
@@ -154,7 +126,7 @@ def test_two_images_in_one_prompt_each_keep_their_share(make_model):
             return sel
 
         engine.method.before_llm = spy
-        _generate(model, inputs, 3)
+        generate(model, inputs, 3)
     r1 = h.config.retention[0]
     assert len(kept_per_image) == 2
     for n, kept in kept_per_image.values():
@@ -167,11 +139,11 @@ def test_text_only_prompt_is_untouched(make_model, family):
     inputs = build_inputs(proc, None, ["Describe a red circle."])
     with torch.no_grad():
         ref = model(**inputs).logits
-    ref_tokens = _generate(model, inputs)
+    ref_tokens = generate(model, inputs)
     with vflowopt.pruned(model, vflowopt.VFlowOptConfig(budget=0.1)) as h:
         with torch.no_grad():
             out = model(**inputs).logits
-        tokens = _generate(model, inputs)
+        tokens = generate(model, inputs)
         assert h.stats.visual_tokens == 0
     assert torch.equal(ref, out) and torch.equal(ref_tokens, tokens)
 
@@ -185,7 +157,7 @@ def test_remove_restores_the_model_exactly(make_model, family):
         ref = model(**inputs).logits
     h = vflowopt.prune(model, vflowopt.VFlowOptConfig(budget=0.2))
     assert ("get_image_features" in vars(model.model)) == (family == "llava_onevision")
-    _generate(model, inputs, 2)
+    generate(model, inputs, 2)
     h.remove()
     h.remove()  # idempotent
     assert all_hooks(model) == before_hooks
@@ -201,8 +173,8 @@ def test_two_models_in_one_process_do_not_interfere(make_model):
     b, proc_b = make_model("llava", "sdpa")
     ha = vflowopt.prune(a, vflowopt.VFlowOptConfig(budget=0.2))
     hb = vflowopt.prune(b, vflowopt.VFlowOptConfig(budget=0.6))
-    _generate(a, one_image_inputs(proc_a), 2)
-    _generate(b, one_image_inputs(proc_b), 2)
+    generate(a, one_image_inputs(proc_a), 2)
+    generate(b, one_image_inputs(proc_b), 2)
     assert ha.stats.mean_retention < 0.3 < 0.5 < hb.stats.mean_retention
     ha.remove()
     hb.remove()
@@ -212,11 +184,11 @@ def test_two_models_in_one_process_do_not_interfere(make_model):
 def test_beam_search_expands_the_batch_after_encoding(make_model, family):
     model, proc = make_model(family, "sdpa")
     inputs = one_image_inputs(proc)
-    ref = _generate(model, inputs, 4, num_beams=2)
+    ref = generate(model, inputs, 4, num_beams=2)
     with vflowopt.pruned(model, vflowopt.VFlowOptConfig(budget=1.0)):
-        assert torch.equal(_generate(model, inputs, 4, num_beams=2), ref)
+        assert torch.equal(generate(model, inputs, 4, num_beams=2), ref)
     with vflowopt.pruned(model, vflowopt.VFlowOptConfig(budget=0.3)) as h:
-        out = _generate(model, inputs, 4, num_beams=2, num_return_sequences=2)
+        out = generate(model, inputs, 4, num_beams=2, num_return_sequences=2)
         assert out.shape[0] == 2 and h.stats.batch_size == 2
         assert h.stats.tokens_into_llm < h.stats.prompt_tokens
 
@@ -226,5 +198,5 @@ def test_static_cache_with_in_llm_stages_is_refused(make_model):
     inputs = one_image_inputs(proc)
     with vflowopt.pruned(model, vflowopt.VFlowOptConfig(budget=0.5, retention=(1.0, 0.5))):
         with pytest.raises(vflowopt.PruningError, match="dynamic KV cache"):
-            _generate(model, inputs, 2, cache_implementation="static")
-        _generate(model, inputs, 2)  # still usable
+            generate(model, inputs, 2, cache_implementation="static")
+        generate(model, inputs, 2)  # still usable
