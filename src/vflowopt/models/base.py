@@ -251,6 +251,25 @@ def grid_tokens(
     return rows.repeat(n_images), cols.repeat(n_images), region.repeat(n_images, 1)
 
 
+def tokens_from_flat(image_mask: torch.Tensor, *, image: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
+                     region: torch.Tensor, grid: torch.Tensor | None = None,
+                     prunable: torch.Tensor | None = None) -> VisualTokens:
+    """VisualTokens from per-token values in flattened (B, L) placeholder order (all images of the
+    batch in a row; `image` numbered over the batch): split per sample, images renumbered within
+    their sample, grid 0 and every token prunable unless given."""
+    image = split_batch(image, image_mask)
+    everything = torch.ones_like(image, dtype=torch.bool)
+    return VisualTokens(
+        seq_index=split_batch(image_mask.nonzero()[:, 1], image_mask),
+        image=image - image[:, :1],
+        grid=split_batch(grid, image_mask) if grid is not None else torch.zeros_like(image),
+        row=split_batch(row, image_mask),
+        col=split_batch(col, image_mask),
+        region=split_batch(region, image_mask),
+        prunable=split_batch(prunable, image_mask) if prunable is not None else everything,
+    )
+
+
 def split_batch(flat: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
     """Reshape per-visual-token values in flattened (B, L) order into (B, Nv); refuses ragged batches."""
     counts = image_mask.sum(-1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ModelAdapter, TokenLayout, VisualTokens, grid_tokens, register_adapter, split_batch
+from .base import ModelAdapter, TokenLayout, grid_tokens, register_adapter, split_batch, tokens_from_flat
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -39,19 +39,7 @@ class LlavaAdapter(ModelAdapter):
             rows, cols, region = with_cls(rows, -1), with_cls(cols, -1), with_cls(region, 0.0)
             prunable = with_cls(prunable, False)
             image = torch.arange(n_crops, device=dev).repeat_interleave(per_image)
-        b = image_mask.shape[0]
-        seq = image_mask.nonzero()[:, 1]
-        tokens = VisualTokens(
-            seq_index=split_batch(seq, image_mask),
-            image=split_batch(image, image_mask),
-            grid=torch.zeros(b, seq.numel() // b, dtype=torch.long, device=dev),
-            row=split_batch(rows, image_mask),
-            col=split_batch(cols, image_mask),
-            region=split_batch(region, image_mask),
-            prunable=split_batch(prunable, image_mask),
-        )
-        # image index within its own sample
-        tokens.image = tokens.image - tokens.image[:, :1]
+        tokens = tokens_from_flat(image_mask, image=image, row=rows, col=cols, region=region, prunable=prunable)
 
         def pack(vit_map: torch.Tensor) -> torch.Tensor:
             flat = vit_map.float()

@@ -13,7 +13,7 @@ import torch
 from transformers.models.llava_next import modeling_llava_next as nxt
 
 from ..config import ConfigError
-from .base import ModelAdapter, TokenLayout, VisualTokens, register_adapter, split_batch
+from .base import ModelAdapter, TokenLayout, register_adapter, split_batch, tokens_from_flat
 from .llava import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 
@@ -93,16 +93,9 @@ class LlavaNextAdapter(ModelAdapter):
         region = torch.stack([canvas[:, 0], canvas[:, 1], canvas[:, 0] + 1, canvas[:, 1] + 1], -1) * patch
         region = torch.nan_to_num(region, nan=0.0)
 
-        seq = image_mask.nonzero()[:, 1]
-        image = split_batch(torch.cat(images), image_mask)
-        tokens = VisualTokens(
-            seq_index=split_batch(seq, image_mask),
-            image=image - image[:, :1],
-            grid=split_batch(torch.cat(grids), image_mask),
-            row=split_batch(torch.cat(rows), image_mask),
-            col=split_batch(torch.cat(cols), image_mask),
-            region=split_batch(region, image_mask),
-            prunable=split_batch(torch.cat(prunable), image_mask),
+        tokens = tokens_from_flat(
+            image_mask, image=torch.cat(images), grid=torch.cat(grids), row=torch.cat(rows), col=torch.cat(cols),
+            region=region, prunable=torch.cat(prunable),
         )
 
         def pack(vit_map: torch.Tensor) -> torch.Tensor:

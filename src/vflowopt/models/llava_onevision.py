@@ -10,7 +10,7 @@ import torch
 from transformers.models.llava_onevision import modeling_llava_onevision as ov
 
 from ..errors import PruningError
-from .base import ModelAdapter, TokenLayout, VisualTokens, register_adapter, split_batch
+from .base import ModelAdapter, TokenLayout, register_adapter, split_batch, tokens_from_flat
 
 
 @register_adapter
@@ -103,16 +103,9 @@ class LlavaOnevisionAdapter(ModelAdapter):
             prunable.append(~is_nl)
             images.append(torch.full((tok.shape[0],), img, dtype=torch.long, device=dev))
 
-        seq = image_mask.nonzero()[:, 1]
-        image = split_batch(torch.cat(images), image_mask)
-        tokens = VisualTokens(
-            seq_index=split_batch(seq, image_mask),
-            image=image - image[:, :1],
-            grid=split_batch(torch.cat(grids), image_mask),
-            row=split_batch(torch.cat(rows), image_mask),
-            col=split_batch(torch.cat(cols), image_mask),
-            region=split_batch(torch.cat(regions), image_mask),
-            prunable=split_batch(torch.cat(prunable), image_mask),
+        tokens = tokens_from_flat(
+            image_mask, image=torch.cat(images), grid=torch.cat(grids), row=torch.cat(rows), col=torch.cat(cols),
+            region=torch.cat(regions), prunable=torch.cat(prunable),
         )
 
         def pack(vit_map: torch.Tensor) -> torch.Tensor:

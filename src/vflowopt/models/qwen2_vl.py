@@ -25,7 +25,7 @@ import torch
 from ..config import ConfigError
 from ..signals.entropy import entropy_of_levels
 from ..signals.qwen_vision import qwen_vision_attention_probs
-from .base import ModelAdapter, TokenLayout, VisualTokens, VitMaps, register_adapter, split_batch
+from .base import ModelAdapter, TokenLayout, VitMaps, register_adapter, split_batch, tokens_from_flat
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -160,17 +160,7 @@ class QwenVLAdapter(ModelAdapter):
             images.append(torch.full((int(t) * gh * gw,), i, dtype=torch.long, device=dev))
         row, col = torch.cat(rows), torch.cat(cols)
         region = torch.stack([row * unit, col * unit, (row + 1) * unit, (col + 1) * unit], -1).float()
-        seq = image_mask.nonzero()[:, 1]
-        image = split_batch(torch.cat(images), image_mask)
-        tokens = VisualTokens(
-            seq_index=split_batch(seq, image_mask),
-            image=image - image[:, :1],
-            grid=torch.zeros_like(image),
-            row=split_batch(row, image_mask),
-            col=split_batch(col, image_mask),
-            region=split_batch(region, image_mask),
-            prunable=torch.ones_like(image, dtype=torch.bool),
-        )
+        tokens = tokens_from_flat(image_mask, image=torch.cat(images), row=row, col=col, region=region)
         group = merge * merge
 
         def pack(vit_map: VitMaps) -> torch.Tensor:
