@@ -1,7 +1,8 @@
 """Hooks that prune visual tokens inside a stock transformers model, on this instance only.
 
-Pruning points: before the LLM (a pre-hook on the language model: the merged `inputs_embeds`) and
-at the input of chosen decoder layers (pre-hooks on the layers). Dropped tokens leave the hidden
+Pruning points: between vision-encoder layers (vision_point.py, a mixin of this class), before the LLM
+(a pre-hook on the language model: the merged `inputs_embeds`) and at the input of chosen decoder
+layers (pre-hooks on the layers). Dropped tokens leave the hidden
 states, the positions, the masks and so every later layer's KV cache. Decode steps select nothing:
 each layer's cache already holds what that layer saw, and kept tokens keep their original positions.
 """
