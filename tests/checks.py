@@ -54,3 +54,23 @@ def check_cache_and_decode(model, inputs, config, n_new: int = 4):
         no_cache = no_cache_last_logits(model, inputs, out.sequences[:, :-1])
     assert torch.allclose(no_cache, out.logits[-1], atol=1e-4)
     return stats
+
+
+BATCH_PROMPTS = ("What is in the image?", "How many circles are there in this picture?")  # different lengths
+
+
+def check_batch_equals_singles(model, processor, images, config, prompts=BATCH_PROMPTS, n_new: int = 4) -> None:
+    """A left-padded batch of equal-size images gives each sample's logits and tokens run alone."""
+    from vflowopt.tiny import build_inputs
+
+    with vflowopt.pruned(model, config):
+        batch = build_inputs(processor, images, prompts)
+        with torch.no_grad():
+            b_logits = model(**batch).logits[:, -1]
+        b_tokens = generate(model, batch, n_new)[:, -n_new:]
+        for i, (img, prompt) in enumerate(zip(images, prompts)):
+            single = build_inputs(processor, [img], [prompt])
+            with torch.no_grad():
+                s_logits = model(**single).logits[:, -1]
+            assert torch.allclose(b_logits[i], s_logits[0], atol=1e-4)
+            assert torch.equal(b_tokens[i], generate(model, single, n_new)[0, -n_new:])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vflowopt
-from checks import check_cache_and_decode, check_identity, generate
+from checks import check_batch_equals_singles, check_cache_and_decode, check_identity, generate
 from vflowopt.models.base import adapter_for
 from vflowopt.tiny import build_inputs, example_image
 from vflowopt.tiny_families import tiny_llava_next
@@ -113,18 +113,7 @@ def test_importance_pooling_by_hand():
 def test_batch_equals_singles():
     model, proc = _model("sdpa")
     images = [example_image(seed=1), example_image(seed=2)]
-    prompts = ["What is in the image?", "How many circles are there in this picture?"]
-    with vflowopt.pruned(model, vflowopt.VFlowOptConfig(budget=0.25, **STRATEGY)):
-        batch = build_inputs(proc, images, prompts)
-        with torch.no_grad():
-            b_logits = model(**batch).logits[:, -1]
-        b_tokens = generate(model, batch, 4)[:, -4:]
-        for i, (img, prompt) in enumerate(zip(images, prompts)):
-            single = build_inputs(proc, [img], [prompt])
-            with torch.no_grad():
-                s_logits = model(**single).logits[:, -1]
-            assert torch.allclose(b_logits[i], s_logits[0], atol=1e-4)
-            assert torch.equal(b_tokens[i], generate(model, single, 4)[0, -4:])
+    check_batch_equals_singles(model, proc, images, vflowopt.VFlowOptConfig(budget=0.25, **STRATEGY), n_new=4)
 
 
 def test_two_images_in_one_prompt_each_keep_their_share():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import vflowopt
-from checks import check_cache_and_decode, check_identity, generate, no_cache_last_logits
+from checks import check_batch_equals_singles, check_cache_and_decode, check_identity, generate, no_cache_last_logits
 from conftest import all_hooks
 from vflowopt.models.base import adapter_for
 from vflowopt.signals.qwen_vision import qwen_vision_attention_probs
@@ -207,18 +207,7 @@ def test_qwen2_5_unpermutes_window_order_by_hand():
 def test_batch_equals_singles(family):
     model, proc = make(family)
     images = [example_image(seed=1, size=SIZE), example_image(seed=2, size=SIZE)]
-    prompts = ["What is in the image?", "How many circles are there in this picture?"]
-    with vflowopt.pruned(model, vflowopt.VFlowOptConfig(budget=0.25, **STRATEGY)):
-        batch = build_inputs(proc, images, prompts)
-        with torch.no_grad():
-            b_logits = model(**batch).logits[:, -1]
-        b_tokens = generate(model, batch, 4)[:, -4:]
-        for i, (img, prompt) in enumerate(zip(images, prompts)):
-            single = build_inputs(proc, [img], [prompt])
-            with torch.no_grad():
-                s_logits = model(**single).logits[:, -1]
-            assert torch.allclose(b_logits[i], s_logits[0], atol=1e-4)
-            assert torch.equal(b_tokens[i], generate(model, single, 4)[0, -4:])
+    check_batch_equals_singles(model, proc, images, vflowopt.VFlowOptConfig(budget=0.25, **STRATEGY), n_new=4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vflowopt
-from checks import check_cache_and_decode, check_identity, generate
+from checks import check_batch_equals_singles, check_cache_and_decode, check_identity, generate
 from conftest import all_hooks, one_image_inputs
 from vflowopt.models.base import adapter_for
 from vflowopt.tiny import build_inputs, example_image
@@ -83,18 +83,7 @@ def test_kept_tokens_keep_their_original_positions(make_model, family):
 def test_batch_equals_singles(make_model, family):
     model, proc = make_model(family, "sdpa")
     images = [example_image(seed=1), example_image(seed=2)]
-    prompts = ["What is in the image?", "How many circles are there in this picture?"]
-    with vflowopt.pruned(model, vflowopt.VFlowOptConfig(budget=0.25, **STRATEGY)):
-        batch = build_inputs(proc, images, prompts)
-        with torch.no_grad():
-            b_logits = model(**batch).logits[:, -1]
-        b_tokens = generate(model, batch)[:, -6:]
-        for i, (img, prompt) in enumerate(zip(images, prompts)):
-            single = build_inputs(proc, [img], [prompt])
-            with torch.no_grad():
-                s_logits = model(**single).logits[:, -1]
-            assert torch.allclose(b_logits[i], s_logits[0], atol=1e-4)
-            assert torch.equal(b_tokens[i], generate(model, single)[0, -6:])
+    check_batch_equals_singles(model, proc, images, vflowopt.VFlowOptConfig(budget=0.25, **STRATEGY), n_new=6)
 
 
 def test_batch_with_different_visual_counts_is_refused(make_model):

@@ -21,8 +21,8 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 IMPLEMENTATION = "vflowopt_scores"
 
-# attention module -> (callback(module, query, key, value, mask, scaling), original implementation name)
-_TAPS: weakref.WeakKeyDictionary[nn.Module, tuple[Callable, str]] = weakref.WeakKeyDictionary()
+# attention module -> (callback(module, query, key, value, mask, scaling), original attention function)
+_TAPS: weakref.WeakKeyDictionary[nn.Module, tuple[Callable, Callable]] = weakref.WeakKeyDictionary()
 
 
 def _original_function(module: nn.Module, name: str) -> Callable:
@@ -33,7 +33,7 @@ def _original_function(module: nn.Module, name: str) -> Callable:
 def _tapped_attention(module, query, key, value, attention_mask, **kwargs):
     callback, original = _TAPS[module]
     callback(module, query, key, value, attention_mask, kwargs.get("scaling"))
-    return _original_function(module, original)(module, query, key, value, attention_mask, **kwargs)
+    return original(module, query, key, value, attention_mask, **kwargs)
 
 
 AttentionInterface.register(IMPLEMENTATION, _tapped_attention)
@@ -48,7 +48,7 @@ def tap_attention(module: nn.Module, callback: Callable) -> Callable[[], None]:
     private = copy.copy(original_config)
     private._attn_implementation = IMPLEMENTATION
     module.config = private
-    _TAPS[module] = (callback, name)
+    _TAPS[module] = (callback, _original_function(module, name))  # resolved once, not every call
 
     def untap() -> None:
         module.config = original_config
