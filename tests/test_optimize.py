@@ -289,18 +289,12 @@ def test_cli_end_to_end_on_a_saved_model(capsys, tmp_path, tiny):
     assert json.loads(capsys.readouterr().out)["mean_retention"] == pytest.approx(0.25, abs=0.05)
 
 
-@pytest.fixture
-def tiny_cached(monkeypatch, tiny):
-    model, processor = tiny
-    monkeypatch.setattr(vflowopt.tiny, "tiny_llava_onevision", lambda: (model, processor))
-    return model
-
-
-def test_cli_default_data_and_model(capsys, tmp_path, tiny_cached, monkeypatch):
+def test_cli_default_data_and_model(capsys, tmp_path, monkeypatch):
+    """No --model, no --data: the shipped VQA model on the shipped sample scenes."""
     monkeypatch.chdir(tmp_path)
     assert main(["optimize", "--budget", "0.5", "--trials", "1", "--samples", "2"]) == 0
     out = capsys.readouterr().out
-    assert "RANDOMLY INITIALISED" in out and "shipped with vflowopt" in out
+    assert "No --model given" in out and "sample scenes shipped with vflowopt" in out
     for label in ("Best strategy found", "objective (best)", "objective (default)", "retention R1, R2, R3"):
         assert label in out
     assert (tmp_path / "vflowopt-budget0.5.json").is_file() and (tmp_path / "vflowopt-study.db").is_file()

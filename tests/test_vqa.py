@@ -178,3 +178,108 @@ def test_time_limit_stops_cleanly_and_resumes(tmp_path):
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 1
     T.main([*common, "--resume"])
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 4
+
+
+def test_symbolic_tokens_and_corruption():
+    from vflowopt.vqa import pretrain as P
+
+    desc = S.sample_scene(S.scene_rng("train", 0, 1))
+    targets = {k: torch.from_numpy(v)[None] for k, v in S.patch_targets(desc).items()}
+    sym = P.SymbolicTokens(32)
+    tokens = sym(targets)
+    assert tokens.shape == (1, 256, 32)
+    same = P.corrupt(targets, 0.0, torch.Generator().manual_seed(0))
+    assert all(torch.equal(same[k], targets[k]) for k in targets)
+    flipped = P.corrupt(targets, 1.0, torch.Generator().manual_seed(0))
+    assert any(not torch.equal(flipped[k], targets[k]) for k in targets)
+    for k, n in S.PATCH_CLASSES.items():
+        assert int(flipped[k].max()) < n
+    # two patches with the same classes in different places differ only by their position embeddings
+    a = sym({k: torch.zeros(1, 256, dtype=torch.long) for k in S.PATCH_CLASSES})
+    assert not torch.allclose(a[0, 0], a[0, 17])
+
+
+def test_decoupled_pretraining_connects_and_fine_tunes(tmp_path):
+    from vflowopt.vqa import pretrain as P
+
+    common = ["--preset", "tiny", "--batch", "2", "--qa-min", "2", "--qa-max", "3", "--log-every", "1",
+              "--threads", "2", "--warmup", "1"]
+    P.main(["lm", "--out", str(tmp_path / "lm"), "--steps", "2", *common])
+    P.main(["vision", "--out", str(tmp_path / "vision"), "--steps", "2", *common])
+    P.main(["lm", "--out", str(tmp_path / "lm"), "--steps", "3", "--resume", *common])
+    assert torch.load(tmp_path / "lm" / "stage.pt", weights_only=False)["step"] == 3
+    P.main(["connect", "--out", str(tmp_path / "c"), "--steps", "2", "--lm", str(tmp_path / "lm"),
+            "--vision", str(tmp_path / "vision"), *common])
+    connected, _ = M.load(tmp_path / "c" / "model")
+    lm_state = torch.load(tmp_path / "lm" / "stage.pt", weights_only=False)["parts"]["lm"]
+    key = next(iter(lm_state))
+    assert torch.equal(connected.model.language_model.state_dict()[key], lm_state[key])
+    T.main(["--out", str(tmp_path / "j"), "--steps", "1", "--init", str(tmp_path / "c"), "--preset", "tiny",
+            "--align-weight", "1", "--schedule", "joint", "--batch", "2", "--qa-min", "2", "--qa-max", "2",
+            "--eval-every", "0", "--threads", "2", "--scale-weight", "0"])
+    records = [json.loads(line) for line in (tmp_path / "j" / "train.log").read_text().splitlines()]
+    assert any("align_rel_mse" in r for r in records if r["kind"] == "train")
+
+
+def test_eval_command_json_and_strategy(tiny_saved, tmp_path, capsys):
+    import vflowopt
+    from vflowopt.cli import main
+
+    _, _, path = tiny_saved
+    strategy = tmp_path / "s.json"
+    vflowopt.config_for("random", budget=0.5).save(strategy)
+    out = tmp_path / "eval.json"
+    code = main(["eval", "--model", str(path), "--methods", "random,fastv", "--budgets", "1.0,0.1", "--n", "5",
+                 "--strategy", str(strategy), "--json", str(out), "--threads", "2"])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "random*" in table and "refused" in table  # FastV cannot reach 0.1 on a 1-layer LM
+    result = json.loads(out.read_text())
+    assert [(r["method"], r["budget"]) for r in result["results"]] == [
+        ("random", 1.0), ("random", 0.1), ("fastv", 1.0), ("fastv", 0.1), ("random", 0.5)]
+    assert result["results"][-1]["strategy"] == str(strategy)
+    assert main(["eval", "--model", str(path), "--methods", "nosuch", "--n", "1"]) == 2
+    assert "unknown method 'nosuch'" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path), "--n", "1"]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return M.load(M.shipped_model_path())
+
+
+def test_shipped_model_answers_the_shipped_samples(shipped):
+    from importlib import resources
+
+    from PIL import Image
+
+    model, processor = shipped
+    size = sum(f.stat().st_size for f in M.shipped_model_path().iterdir())
+    assert size < 25e6
+    assert (M.shipped_model_path() / "README.md").is_file()
+    folder = resources.files("vflowopt").joinpath("assets", "samples")
+    lines = folder.joinpath("samples.jsonl").read_text().splitlines()
+    items = []
+    for line in lines:
+        rec = json.loads(line)
+        with folder.joinpath(rec["image"]).open("rb") as fh:
+            items.append({"image": Image.open(fh).convert("RGB"), "question": rec["prompt"], **rec})
+    assert len(items) >= 10 and {it["type"] for it in items} == set(S.QUESTION_TYPES)
+    assert E.answer_questions(model, processor, items) == [it["answer"] for it in items]
+    # the samples are the scenes they claim to be (regenerated from split, seed and index)
+    first = items[0]
+    desc = S.sample_scene(S.scene_rng("val", 7, first["scene_index"]))
+    assert np.array_equal(np.asarray(S.render(desc)), np.asarray(first["image"]))
+
+
+def test_run_defaults_to_the_shipped_model_and_sample(capsys):
+    from vflowopt.cli import main
+
+    assert main(["run", "--json", "--budget", "1.0"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"].startswith("shipped vqa-llava") and report["random_weights"] is False
+    assert report["visual_tokens"] == 256
+    assert report["answer"] == report["expected_answer"]
+    assert main(["run", "--image", "x.png"]) == 2
+    assert "--prompt is required with --image" in capsys.readouterr().err

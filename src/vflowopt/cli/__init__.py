@@ -2,7 +2,8 @@
 
 `vflowopt run` prunes one prompt on a local model (or, with no --model, on the bundled tiny randomly
 initialised model) and shows what pruning did. `vflowopt optimize` searches a pruning strategy for a
-model and budget (VFlowOpt paper 3.3) and writes it as a strategy JSON for `run --strategy`. Every
+model and budget (VFlowOpt paper 3.3) and writes it as a strategy JSON for `run --strategy`. `vflowopt bench`
+measures efficiency and fidelity; `vflowopt eval` measures accuracy on the procedural VQA benchmark. Every
 subcommand is one module with an `_add_<name>` function that registers its parser and sets `func`; `main` only
 parses and dispatches, so `optimize` and `bench` slot in the same way.
 
@@ -20,6 +21,7 @@ from .common import (
     _error,
     _layer_ranges,
 )
+from .eval import _add_eval
 from .optimize import _add_optimize
 from .run import _add_run
 
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_optimize(sub)
     _add_bench(sub)
+    _add_eval(sub)
     return parser
 
 

@@ -13,6 +13,7 @@ from .common import (
     _error,
     _load_image,
     _load_model,
+    _method_budget_grid,
     _one_line,
     _positive_int,
     _processor_from_parts,
@@ -72,31 +73,6 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="accept a model directory holding only a config: random weights, meaningless fidelity")
     p.set_defaults(func=_cmd_bench)
 
-
-def _split_list(text: str, what: str) -> list[str]:
-    items = [x.strip() for x in text.split(",") if x.strip()]
-    if not items:
-        raise CLIError(f"--{what} needs at least one value")
-    return items
-
-
-def _bench_grid(args: argparse.Namespace) -> tuple[list[str], list[float]]:
-    import vflowopt
-    from vflowopt.bench.run import validate_grid
-
-    methods = None if args.methods is None else _split_list(args.methods, "methods")
-    budgets = []
-    for text in _split_list(args.budgets, "budgets"):
-        try:
-            budgets.append(float(text))
-        except ValueError:
-            raise CLIError(f"budget must be a number in (0, 1], got {text!r}") from None
-    try:
-        return validate_grid(methods, budgets)
-    except vflowopt.ConfigError as exc:
-        raise CLIError(str(exc)) from None
-    except TypeError as exc:  # a method whose config takes no budget
-        raise CLIError(f"a method does not accept a budget: {exc}") from None
 
 
 def _has_weights(path: Path) -> bool:
@@ -178,7 +154,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = Console() if sys.stdout.isatty() else Console(width=200)
-    methods, budgets = _bench_grid(args)  # fails fast, before any model is loaded
+    methods, budgets = _method_budget_grid(args)  # fails fast, before any model is loaded
     if args.warmup < 0:
         raise CLIError(f"--warmup must be >= 0, got {args.warmup}")
     if args.images:

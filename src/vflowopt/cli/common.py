@@ -22,6 +22,12 @@ TINY_MODEL_NAME = "bundled tiny-llava-onevision"
 EXAMPLE_IMAGE = "vflowopt/assets/example.png"
 
 
+VQA_MODEL_NAME = "shipped vqa-llava (vflowopt/assets/vqa_model)"
+
+
+SAMPLE_SCENE = "vflowopt/assets/samples/sample_00.png"
+
+
 NO_HUB = "local files only; no hub downloads are attempted"
 
 
@@ -195,3 +201,51 @@ def _sync(device: str) -> None:
         import torch
 
         torch.cuda.synchronize()
+
+
+def _split_list(text: str, what: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise CLIError(f"--{what} needs at least one value")
+    return items
+
+
+def _method_budget_grid(args: argparse.Namespace) -> tuple[list[str], list[float]]:
+    """``--methods`` (None or "all": every registered method) and ``--budgets``, validated before any load."""
+    import vflowopt
+    from vflowopt.bench.run import validate_grid
+
+    methods = None if args.methods in (None, "all") else _split_list(args.methods, "methods")
+    budgets = []
+    for text in _split_list(args.budgets, "budgets"):
+        try:
+            budgets.append(float(text))
+        except ValueError:
+            raise CLIError(f"budget must be a number in (0, 1], got {text!r}") from None
+    try:
+        return validate_grid(methods, budgets)
+    except vflowopt.ConfigError as exc:
+        raise CLIError(str(exc)) from None
+    except TypeError as exc:  # a method whose config takes no budget
+        raise CLIError(f"a method does not accept a budget: {exc}") from None
+
+
+def _shipped_model():
+    """The trained VQA model shipped with vflowopt (the offline default of run and optimize)."""
+    from vflowopt.vqa.model import load, shipped_model_path
+
+    path = shipped_model_path()
+    if not (path / "config.json").is_file():
+        raise CLIError(f"the shipped VQA model is missing from this installation ({path}); pass --model DIR")
+    return load(path)
+
+
+def _shipped_sample() -> dict[str, Any]:
+    """The first shipped sample scene: ``{"image": PIL image, "prompt", "answer", "type"}``."""
+    from PIL import Image
+
+    folder = resources.files("vflowopt").joinpath("assets", "samples")
+    first = json.loads(folder.joinpath("samples.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    with folder.joinpath(first["image"]).open("rb") as fh:
+        first["image"] = Image.open(fh).convert("RGB")
+    return first

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .common import (
     DEFAULT_METHOD,
-    TINY_MODEL_NAME,
+    VQA_MODEL_NAME,
     CLIError,
     _budget,
     _load_model,
@@ -17,6 +17,7 @@ from .common import (
     _one_line,
     _positive_int,
     _round,
+    _shipped_model,
 )
 
 
@@ -37,7 +38,7 @@ def _add_optimize(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--model", metavar="DIR",
-                   help="local model directory; default: the bundled tiny random LLaVA-OneVision")
+                   help="local model directory; default: the shipped VQA model (vflowopt/assets/vqa_model)")
     p.add_argument("--data", metavar="FILE.jsonl",
                    help='one {"image": path, "prompt": text} object per line (paths relative to the file); '
                         "default: the sample images shipped with vflowopt")
@@ -83,7 +84,7 @@ def _optimize_data(args: argparse.Namespace, console):
     for w in caught:
         print(f"vflowopt: warning: {w.message}", file=sys.stderr)
     if args.data is None:
-        _note(f"No --data given: using {len(records)} procedural sample images shipped with vflowopt.",
+        _note(f"No --data given: using {len(records)} procedural sample scenes shipped with vflowopt.",
               args, console)
     return records
 
@@ -110,17 +111,16 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
 
     from vflowopt.search import default_study_name, run_optimization
     from vflowopt.search.plot import plot_history
-    from vflowopt.tiny import build_inputs, tiny_llava_onevision
+    from vflowopt.tiny import build_inputs
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda was asked for, but torch sees no CUDA device")
-    random_weights = args.model is None
-    if random_weights:
-        _note("Using the bundled tiny RANDOMLY INITIALISED model: the strategy found is meaningless for any "
-              "real model; it demonstrates the search only. Pass --model DIR for a real model.",
-              args, console, style="bold yellow")
-        model, processor = tiny_llava_onevision()
-        model_name = TINY_MODEL_NAME
+    random_weights = False
+    if args.model is None:
+        _note("No --model given: using the small LLaVA trained on vflowopt's procedural VQA scenes "
+              "(vflowopt/assets/vqa_model).", args, console)
+        model, processor = _shipped_model()
+        model_name = VQA_MODEL_NAME
     else:
         model, processor = _load_model(args.model)
         model_name = args.model

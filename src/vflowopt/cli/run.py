@@ -11,8 +11,8 @@ from typing import Any
 from .common import (
     DEFAULT_BUDGET,
     DEFAULT_METHOD,
-    EXAMPLE_IMAGE,
-    TINY_MODEL_NAME,
+    SAMPLE_SCENE,
+    VQA_MODEL_NAME,
     CLIError,
     _budget,
     _layer_ranges,
@@ -22,6 +22,8 @@ from .common import (
     _one_line,
     _positive_int,
     _round,
+    _shipped_model,
+    _shipped_sample,
     _sync,
 )
 
@@ -35,16 +37,18 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         description=(
             "Answer one prompt about one image with visual-token pruning attached, and report the "
             "strategy, the tokens kept at every stage, the KV-cache lengths and the timings. "
-            "Without --model the bundled tiny RANDOMLY INITIALISED model is used (meaningless "
-            "answers; it shows the mechanics only). Models are read from local directories only; "
-            "nothing is downloaded."
+            "Without --model the small LLaVA trained on vflowopt's procedural VQA scenes is used (it "
+            "answers one-word questions about such scenes); without --image and --prompt, a shipped "
+            "sample scene and its question. Models are read from local directories only; nothing is "
+            "downloaded."
         ),
     )
     p.add_argument("--model", metavar="DIR",
                    help="local model directory (AutoModelForImageTextToText + AutoProcessor); "
-                        "default: the bundled tiny random LLaVA-OneVision")
-    p.add_argument("--image", metavar="FILE", help=f"image file; default: the bundled {EXAMPLE_IMAGE}")
-    p.add_argument("--prompt", required=True, metavar="TEXT", help="the question about the image")
+                        "default: the shipped VQA model (vflowopt/assets/vqa_model)")
+    p.add_argument("--image", metavar="FILE", help=f"image file; default: the shipped sample scene {SAMPLE_SCENE}")
+    p.add_argument("--prompt", metavar="TEXT",
+                   help="the question about the image; default (only without --image): the sample scene's question")
     p.add_argument("--method", metavar="NAME",
                    help=f"pruning method (default: {DEFAULT_METHOD}); see vflowopt.available_methods()")
     p.add_argument("--budget", type=_budget, metavar="B",
@@ -107,25 +111,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import torch
 
     import vflowopt
-    from vflowopt.tiny import build_inputs, tiny_llava_onevision
+    from vflowopt.tiny import build_inputs
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda was asked for, but torch sees no CUDA device")
-    image = _load_image(args.image)
-    random_weights = args.model is None
-    if random_weights:
-        _note(
-            "Using the bundled tiny RANDOMLY INITIALISED model: its answers are meaningless; it "
-            "demonstrates the pruning mechanics only. Pass --model DIR for a real model.",
-            args, console, style="bold yellow",
-        )
-        model, processor = tiny_llava_onevision()
-        model_name = TINY_MODEL_NAME
+    expected = None
+    if args.image is None:
+        sample = _shipped_sample()
+        image = sample["image"]
+        if args.prompt is None:
+            args.prompt, expected = sample["prompt"], sample.get("answer")
+        _note(f"No --image given: using the shipped sample scene ({SAMPLE_SCENE})"
+              + (f" and its question: {args.prompt!r}." if expected is not None else "."), args, console)
+    elif args.prompt is None:
+        raise CLIError("--prompt is required with --image (only the shipped sample scene has a default question)")
+    else:
+        image = _load_image(args.image)
+    random_weights = False
+    if args.model is None:
+        _note("No --model given: using the small LLaVA trained on vflowopt's procedural VQA scenes "
+              "(vflowopt/assets/vqa_model; it only knows such scenes).", args, console)
+        model, processor = _shipped_model()
+        model_name = VQA_MODEL_NAME
     else:
         model, processor = _load_model(args.model)
         model_name = args.model
-    if args.image is None:
-        _note(f"No --image given: using the bundled example picture ({EXAMPLE_IMAGE}).", args, console)
     model.to(args.device)
 
     try:
@@ -167,9 +177,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         "model": model_name,
         "model_class": type(model).__name__,
         "random_weights": random_weights,
-        "image": args.image if args.image is not None else EXAMPLE_IMAGE,
+        "image": args.image if args.image is not None else SAMPLE_SCENE,
         "prompt": args.prompt,
         "answer": answer,
+        "expected_answer": expected,
         "new_tokens": int(new_tokens.numel()),
         "method": resolved.method,
         "budget": _round(resolved.budget),
@@ -201,6 +212,8 @@ def _print_report(console, report: dict, stats) -> None:
 
     answer = report["answer"] or "(empty)"
     title = "Answer (random weights: meaningless)" if report["random_weights"] else "Answer"
+    if report.get("expected_answer") is not None:
+        answer += f"   (expected: {report['expected_answer']})"
     console.print(Panel(escape(answer), title=title, title_align="left", expand=False))
 
     s = report["strategy"]

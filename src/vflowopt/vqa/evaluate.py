@@ -1,9 +1,9 @@
 """Exact-match accuracy of a VQA model under every pruning method and budget.
 
-Usage::
+Usage (``python -m vflowopt.vqa.evaluate`` takes the same arguments)::
 
-    python -m vflowopt.vqa.evaluate --model DIR --methods random,visionzip,... --budgets 1.0,0.5,0.25,0.1
-        [--n 1000] [--seed 0] [--split test] [--batch-size 32] [--device cpu] [--json OUT]
+    vflowopt eval [--model DIR] --methods random,visionzip,... --budgets 1.0,0.5,0.25,0.1
+        [--strategy FILE ...] [--n 1000] [--seed 0] [--split test] [--batch-size 32] [--device cpu] [--json OUT]
 
 ``--methods all`` (the default) means every registered method (``vflowopt.available_methods()``). Each
 (method, budget) uses ``vflowopt.config_for(method, budget=budget)`` and ``vflowopt.prune``; a method that
@@ -41,8 +41,6 @@ JSON written by ``--json`` (``evaluate()`` returns the same dict)::
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -117,6 +115,7 @@ def evaluate(
     device: str = "cpu",
     model_and_processor=None,
     progress=None,
+    strategies: list[str | Path] = (),
 ) -> dict[str, Any]:
     """Run the benchmark; see the module docstring for the returned (and ``--json``) structure."""
     import vflowopt
@@ -135,31 +134,35 @@ def evaluate(
     items = make_eval_set(n, seed, split)
     full = _score(items, answer_questions(model, processor, items, batch_size))
     results = []
-    for method in methods:
-        for budget in budgets:
-            t1 = time.time()
-            record: dict[str, Any] = {"method": method, "budget": float(budget), "status": "ok", "accuracy": None,
-                                      "relative_accuracy": None, "per_type": None, "visual_tokens_into_llm": None,
-                                      "mean_retention": None, "reason": None}
-            try:
-                config = vflowopt.config_for(method, budget=float(budget))
-                with vflowopt.pruned(model, config) as handle:
-                    answers = answer_questions(model, processor, items, batch_size)
-                    stats = handle.stats
-                score = _score(items, answers)
-                record.update(score)
-                record["relative_accuracy"] = score["accuracy"] / full["accuracy"] if full["accuracy"] else None
-                record["visual_tokens_into_llm"] = (
-                    stats.visual_tokens_per_layer[0] if stats.visual_tokens_per_layer else None
-                )
-                record["mean_retention"] = stats.mean_retention
-            except (ConfigError, PruningError, ValueError, TypeError) as exc:
-                record["status"] = "refused"
-                record["reason"] = f"{type(exc).__name__}: {exc}"
-            record["seconds"] = time.time() - t1
-            results.append(record)
-            if progress:
-                progress(record)
+    cells: list[tuple[str, float, Any]] = [(m, float(b), None) for m in methods for b in budgets]
+    for path in strategies:  # saved configs (e.g. `vflowopt optimize` output): one row each
+        config = vflowopt.load_config(path)
+        cells.append((config.method, float(config.budget), (str(path), config)))
+    for method, budget, strategy in cells:
+        t1 = time.time()
+        record: dict[str, Any] = {"method": method, "budget": float(budget), "status": "ok", "accuracy": None,
+                                  "relative_accuracy": None, "per_type": None, "visual_tokens_into_llm": None,
+                                  "mean_retention": None, "reason": None,
+                                  "strategy": strategy[0] if strategy else None}
+        try:
+            config = strategy[1] if strategy else vflowopt.config_for(method, budget=float(budget))
+            with vflowopt.pruned(model, config) as handle:
+                answers = answer_questions(model, processor, items, batch_size)
+                stats = handle.stats
+            score = _score(items, answers)
+            record.update(score)
+            record["relative_accuracy"] = score["accuracy"] / full["accuracy"] if full["accuracy"] else None
+            record["visual_tokens_into_llm"] = (
+                stats.visual_tokens_per_layer[0] if stats.visual_tokens_per_layer else None
+            )
+            record["mean_retention"] = stats.mean_retention
+        except (ConfigError, PruningError, ValueError, TypeError) as exc:
+            record["status"] = "refused"
+            record["reason"] = f"{type(exc).__name__}: {exc}"
+        record["seconds"] = time.time() - t1
+        results.append(record)
+        if progress:
+            progress(record)
     return {
         "model": str(model_dir) if model_dir is not None else None,
         "n": n,
@@ -173,6 +176,10 @@ def evaluate(
     }
 
 
+def _label(record: dict[str, Any]) -> str:
+    return f"{record['method']}*" if record.get("strategy") else record["method"]
+
+
 def format_table(result: dict[str, Any]) -> str:
     """A papers-style table: one row per (method, budget), accuracy, relative accuracy and per-type columns."""
     types = result["question_types"]
@@ -183,38 +190,22 @@ def format_table(result: dict[str, Any]) -> str:
                  + "".join(f"{full['per_type'].get(t, float('nan')):>9.3f}" for t in types))
     for r in result["results"]:
         if r["status"] != "ok":
-            lines.append(f"{r['method']:<14}{r['budget']:>7.2f}   refused: {r['reason'][:60]}")
+            lines.append(f"{_label(r):<14}{r['budget']:>7.2f}   refused: {r['reason'][:60]}")
             continue
         rel = r["relative_accuracy"] if r["relative_accuracy"] is not None else float("nan")
-        lines.append(f"{r['method']:<14}{r['budget']:>7.2f}{r['accuracy']:>8.3f}{rel:>8.3f}"
+        lines.append(f"{_label(r):<14}{r['budget']:>7.2f}{r['accuracy']:>8.3f}{rel:>8.3f}"
                      + "".join(f"{r['per_type'].get(t, float('nan')):>9.3f}" for t in types))
+    if any(r.get("strategy") for r in result["results"]):
+        lines.append("* a saved strategy: " + ", ".join(sorted({r["strategy"] for r in result["results"]
+                                                                if r.get("strategy")})))
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vflowopt.vqa.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="folder written by the training script (OUT/model)")
-    p.add_argument("--methods", default="all", help="comma-separated method names, or 'all'")
-    p.add_argument("--budgets", default="1.0,0.5,0.25,0.1")
-    p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split", default="test", choices=sorted(S.SPLITS))
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--json", default=None, help="write the result JSON here")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    methods = None if args.methods == "all" else [m for m in args.methods.split(",") if m]
-    budgets = [float(b) for b in args.budgets.split(",") if b]
-    result = evaluate(args.model, methods, budgets, args.n, args.seed, args.split, args.batch_size, args.device,
-                      progress=lambda r: print(f"{r['method']} {r['budget']}: {r['status']} {r['accuracy']}",
-                                               file=sys.stderr, flush=True))
-    print(format_table(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2), encoding="utf-8")
-    return 0
+    """``python -m vflowopt.vqa.evaluate ...`` is ``vflowopt eval ...``."""
+    from vflowopt.cli import main as cli_main
+
+    return cli_main(["eval", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -29,7 +29,10 @@ import torch
 from ..tiny import LLAVA_CHAT_TEMPLATE
 from .scenes import vocabulary
 
-__all__ = ["PRESETS", "SPECIAL_TOKENS", "build_model", "build_processor", "build_tokenizer", "load", "save"]
+__all__ = [
+    "PRESETS", "SPECIAL_TOKENS", "build_model", "build_processor", "build_tokenizer", "load", "save",
+    "shipped_model_path",
+]
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
 PROMPT_WORDS: tuple[str, ...] = ("USER", "ASSISTANT", ":")
@@ -215,6 +218,13 @@ def save(model, processor, path: str | Path, card: str | None = None) -> Path:
     if card is not None:
         (path / "README.md").write_text(card, encoding="utf-8")
     return path
+
+
+def shipped_model_path() -> Path:
+    """The trained benchmark model shipped inside the package (``vflowopt/assets/vqa_model``)."""
+    from importlib import resources
+
+    return Path(str(resources.files("vflowopt").joinpath("assets", "vqa_model")))
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", attn_implementation: str = "sdpa"):

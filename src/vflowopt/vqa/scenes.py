@@ -82,10 +82,10 @@ class SceneConfig:
     size: int = 224
     min_objects: int = 1
     max_objects: int = 7
-    small_px: int = 20  # object extent (bounding-box side) in pixels
-    large_px: int = 32
+    small_px: int = 28  # object extent (bounding-box side) in pixels: 2-3 patches of 14 px
+    large_px: int = 40
     digit_prob: float = 0.8
-    digit_font_px: int = 20
+    digit_font_px: int = 28
     max_per_shape: int = 5  # so counts stay within COUNT_WORDS comfortably
     global_noise: float = 5.0  # mild noise over the whole picture (objects included)
 

@@ -294,6 +294,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cls-weight", type=float, default=0.5)
     p.add_argument("--scale-weight", type=float, default=0.1)
     p.add_argument("--scale-target", type=float, default=1.0)
+    p.add_argument("--init", default=None,
+                   help="start from a `python -m vflowopt.vqa.pretrain connect` folder (model/, aux.pt, "
+                        "symbolic.pt) instead of random weights; the projector is not rescaled")
+    p.add_argument("--align-weight", type=float, default=0.0,
+                   help="with --init: weight of the loss keeping projected image tokens on the symbolic tokens "
+                        "the LM was pre-trained on (relative MSE)")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--eval-every", type=int, default=1000, help="0: no held-out evaluation during training")
@@ -350,6 +356,23 @@ def _save_checkpoint(out: Path, model, aux, opt, step: int, args, flags, history
     save(model, processor, out / "model")
 
 
+def _load_init(folder: Path, model, aux) -> nn.Module | None:
+    """Weights from a ``pretrain connect`` folder; returns its symbolic-token module (or ``None``)."""
+    from .model import load
+    from .pretrain import SymbolicTokens
+
+    if not (folder / "model" / "config.json").is_file():
+        raise SystemExit(f"--init: no {folder / 'model'} (expected a `python -m vflowopt.vqa.pretrain connect` folder)")
+    model.load_state_dict(load(folder / "model")[0].state_dict())
+    if (folder / "aux.pt").is_file():
+        aux.load_state_dict(torch.load(folder / "aux.pt", map_location="cpu"))
+    if not (folder / "symbolic.pt").is_file():
+        return None
+    symbolic = SymbolicTokens(model.config.text_config.hidden_size)
+    symbolic.load_state_dict(torch.load(folder / "symbolic.pt", map_location="cpu"))
+    return symbolic.requires_grad_(False)
+
+
 def train(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -385,6 +408,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     flags = {"projector_scaled": False, "stage2_scaled": False}
     history: list[dict[str, Any]] = []
     start = 0
+    symbolic = None
+    if args.init:
+        symbolic = _load_init(Path(args.init), model, aux)
+        flags["projector_scaled"] = True
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         aux.load_state_dict(ckpt["aux"])
@@ -397,6 +424,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                         "device": str(device), "time": time.time()})
     model.to(device).train()
     aux.to(device).train()
+    if symbolic is not None:
+        symbolic.to(device)
     for state in opt.state.values():
         for k, v in state.items():
             if torch.is_tensor(v) and k != "step":
@@ -447,6 +476,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             scale_loss = torch.log(norm / args.scale_target) ** 2
             w_ans = 0.0 if f_lm == 0.0 else 1.0
             loss = w_ans * answer_loss + args.scale_weight * scale_loss
+            if symbolic is not None and args.align_weight:
+                with torch.no_grad():
+                    target = symbolic({k: batch[f"patch_{k}"] for k in S.PATCH_CLASSES})
+                align = F.mse_loss(taps.projected.float(), target) / target.pow(2).mean()
+                loss = loss + args.align_weight * align
+                logs["align_rel_mse"] = float(align.detach())
             if step < freeze_at:
                 loss = loss + args.patch_weight * aux_patch + args.cls_weight * aux_cls
         opt.zero_grad(set_to_none=True)

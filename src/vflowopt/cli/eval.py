@@ -1,0 +1,84 @@
+"""`vflowopt eval`: exact-match accuracy on the procedural VQA benchmark for methods x budgets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .common import CLIError, _method_budget_grid, _positive_int
+
+EVAL_BUDGETS = "1.0,0.5,0.25,0.1"
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="accuracy on the procedural VQA benchmark for every method and budget",
+        description=(
+            "Ask --n procedural visual questions (exists, colour, count, position, digit; types balanced) of a "
+            "LLaVA model trained on the benchmark, unpruned and under every (method, budget), and print "
+            "accuracy overall, per question type and relative to full tokens, as in the papers' tables. "
+            "Without --model the trained model shipped with vflowopt is used. Nothing is downloaded."
+        ),
+    )
+    p.add_argument("--model", metavar="DIR",
+                   help="a model folder written by `python -m vflowopt.vqa.train` (OUT/model); "
+                        "default: the shipped trained model")
+    p.add_argument("--methods", default="all", metavar="A,B,...|all",
+                   help="comma-separated methods, or 'all' (default: every registered one)")
+    p.add_argument("--budgets", default=EVAL_BUDGETS, metavar="B1,B2,...",
+                   help=f"comma-separated budgets in (0, 1] (default: {EVAL_BUDGETS})")
+    p.add_argument("--strategy", action="append", default=[], metavar="FILE",
+                   help="also evaluate a saved strategy (e.g. `vflowopt optimize` output); repeatable")
+    p.add_argument("--n", type=_positive_int, default=1000, metavar="N", help="questions (default: 1000)")
+    p.add_argument("--seed", type=int, default=0, help="question set seed (default: 0)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"),
+                   help="scene split (default: test, never used in training)")
+    p.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="questions per forward")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+    p.add_argument("--threads", type=_positive_int, metavar="N", help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--json", metavar="OUT.json", help="write the result JSON (documented in vflowopt.vqa.evaluate)")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import vflowopt
+
+    methods, budgets = _method_budget_grid(args)
+    for path in args.strategy:
+        try:
+            vflowopt.load_config(path)
+        except vflowopt.ConfigError as exc:
+            raise CLIError(f"--strategy {path}: {exc}") from None
+
+    import torch
+
+    from vflowopt.vqa.evaluate import evaluate, format_table
+    from vflowopt.vqa.model import load, shipped_model_path
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda was asked for, but torch sees no CUDA device")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = Path(args.model).expanduser() if args.model else shipped_model_path()
+    if not (model_dir / "config.json").is_file():
+        raise CLIError(f"{model_dir} is not a saved model folder (no config.json); --model takes the OUT/model "
+                       "folder of `python -m vflowopt.vqa.train`")
+    try:
+        model, processor = load(model_dir, device=args.device)
+    except Exception as exc:  # noqa: BLE001 - any load failure becomes one clear line
+        raise CLIError(f"could not load the model from {model_dir}: {type(exc).__name__}: {exc}") from None
+
+    def progress(record):
+        acc = "refused" if record["accuracy"] is None else f"{record['accuracy']:.3f}"
+        print(f"{record['method']} {record['budget']:g}: {acc}", file=sys.stderr, flush=True)
+
+    result = evaluate(str(args.model or model_dir), methods, budgets, args.n, args.seed, args.split,
+                      args.batch_size, args.device, model_and_processor=(model, processor), progress=progress,
+                      strategies=args.strategy)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return 0

@@ -1,0 +1,327 @@
+"""Decoupled pre-training of the VQA model: the LM and the vision tower learn apart, then are connected.
+
+Why: trained jointly from scratch, the vision side learns within a few hundred steps (dense per-patch
+supervision) but the language model's reading of 256 image tokens stays near the answer prior for thousands of
+steps (``../shared/reference/tiny-training.md``). Here each half learns on a cheaper, cleaner problem:
+
+``lm``       the language model answers questions about *symbolic* image tokens: each of the 256 patches is the
+             sum of learned embeddings of its ground-truth classes (colour, shape, digit, object centre) and of
+             its row and column (:class:`SymbolicTokens`), lightly corrupted so the LM tolerates an imperfect
+             vision side. No rendering and no vision tower: several times cheaper per step than joint training.
+``vision``   the vision tower alone, with the per-patch and CLS heads of :mod:`vflowopt.vqa.train`
+             (rendered scenes, no LM).
+``connect``  the projector is fitted (vision frozen) to map vision features onto the symbolic tokens the LM
+             was trained on, and the three parts are saved as one stock LLaVA folder for
+             ``python -m vflowopt.vqa.train --init DIR`` (joint fine-tuning on real pictures).
+
+``lm`` and ``vision`` are independent and can run side by side (one thread each on a 2-core machine).
+Each writes ``OUT/stage.pt`` (weights, optimizer, step, RNG, args) every ``--save-every`` steps, resumes with
+``--resume``, and logs JSON lines to ``OUT/train.log``. Batches are pure functions of ``(seed, step)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import scenes as S
+from .model import build_model, save
+from .train import DEFAULT_TYPE_WEIGHTS, AuxHeads, encode_qa, parse_type_weights, pixel_values
+
+GRID = 16
+N_TOKENS = GRID * GRID
+
+
+class SymbolicTokens(nn.Module):
+    """Ideal image tokens: sum of embeddings of each patch's classes and grid position."""
+
+    def __init__(self, dim: int, grid: int = GRID):
+        super().__init__()
+        self.tables = nn.ModuleDict({key: nn.Embedding(n, dim) for key, n in S.PATCH_CLASSES.items()})
+        self.row = nn.Embedding(grid, dim)
+        self.col = nn.Embedding(grid, dim)
+        self.grid = grid
+        for emb in (*self.tables.values(), self.row, self.col):
+            nn.init.normal_(emb.weight, 0.0, 1.0 / math.sqrt(dim * 6))  # sum of 6 at norm ~1
+
+    def forward(self, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        first = next(iter(targets.values()))
+        idx = torch.arange(self.grid * self.grid, device=first.device)
+        out = self.row(idx // self.grid) + self.col(idx % self.grid)
+        for key, table in self.tables.items():
+            out = out + table(targets[key])
+        return out
+
+
+def corrupt(targets: dict[str, torch.Tensor], p: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Replace each class label by a random one with probability ``p`` (robustness to vision errors)."""
+    out = {}
+    for key, value in targets.items():
+        flip = torch.rand(value.shape, generator=generator) < p
+        noise = torch.randint(0, S.PATCH_CLASSES[key], value.shape, generator=generator)
+        out[key] = torch.where(flip, noise, value)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batches
+# ----------------------------------------------------------------------------------------------------------
+
+
+def scene_config(args, step: int) -> S.SceneConfig:
+    return S.SceneConfig.easy() if step < args.curriculum_frac * args.steps else S.SceneConfig()
+
+
+def lm_batch(tokenizer, args, step: int, weights) -> dict[str, torch.Tensor]:
+    rows = []
+    for j in range(args.batch):
+        rng = S.scene_rng("train", args.seed, 10_000_000 + step * args.batch + j)
+        desc = S.sample_scene(rng, scene_config(args, step))
+        qa = S.make_questions(desc, rng, int(rng.integers(args.qa_min, args.qa_max + 1)), S.QUESTION_TYPES, weights)
+        ids, labels, types = encode_qa(tokenizer, qa, N_TOKENS)
+        rows.append((ids, labels, types, S.patch_targets(desc)))
+    length = max(len(r[0]) for r in rows)
+    pad = tokenizer.pad_token_id
+    batch = {
+        "input_ids": torch.tensor([r[0] + [pad] * (length - len(r[0])) for r in rows]),
+        "attention_mask": torch.tensor([[1] * len(r[0]) + [0] * (length - len(r[0])) for r in rows]),
+        "labels": torch.tensor([r[1] + [-100] * (length - len(r[1])) for r in rows]),
+        "answer_type": torch.tensor([r[2] + [-1] * (length - len(r[2])) for r in rows]),
+    }
+    for key in S.PATCH_CLASSES:
+        batch[f"patch_{key}"] = torch.from_numpy(np.stack([r[3][key] for r in rows]))
+    return batch
+
+
+def vision_batch(args, step: int) -> dict[str, torch.Tensor]:
+    rows = []
+    for j in range(args.batch):
+        rng = S.scene_rng("train", args.seed, 20_000_000 + step * args.batch + j)
+        desc = S.sample_scene(rng, scene_config(args, step))
+        rows.append((S.render(desc), S.patch_targets(desc), S.scene_targets(desc)))
+    batch = {"pixel_values": torch.stack([pixel_values(r[0]) for r in rows])}
+    for key in S.PATCH_CLASSES:
+        batch[f"patch_{key}"] = torch.from_numpy(np.stack([r[1][key] for r in rows]))
+    for key in ("present", "shape_count", "digit"):
+        batch[f"scene_{key}"] = torch.from_numpy(np.stack([np.asarray(r[2][key]) for r in rows]))
+    return batch
+
+
+def targets_of(batch) -> dict[str, torch.Tensor]:
+    return {key: batch[f"patch_{key}"] for key in S.PATCH_CLASSES}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward passes
+# ----------------------------------------------------------------------------------------------------------
+
+
+def lm_logits(model, input_ids, attention_mask, image_tokens: torch.Tensor) -> torch.Tensor:
+    """Logits of the LLaVA language model with the ``<image>`` positions filled by ``image_tokens``."""
+    embeds = model.get_input_embeddings()(input_ids)
+    mask = input_ids == model.config.image_token_id
+    embeds = embeds.masked_scatter(mask[..., None], image_tokens.to(embeds.dtype))
+    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+    return model.lm_head(hidden)
+
+
+def vision_features(model, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(patch features of the feature layer without CLS, pooled CLS output)``."""
+    out = model.model.vision_tower(pixels, output_hidden_states=True)
+    return out.hidden_states[-1][:, 1:], out.pooler_output
+
+
+def answer_stats(logits, batch) -> tuple[torch.Tensor, dict[str, float]]:
+    logits = logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    pred = logits.argmax(-1)
+    types = batch["answer_type"][:, 1:]
+    logs = {"answer_loss": float(loss.detach())}
+    for k, name in enumerate(S.QUESTION_TYPES):
+        m = types == k
+        if m.any():
+            logs[f"acc_{name}"] = float((pred[m] == labels[m]).float().mean())
+    return loss, logs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loop
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _cosine(args, step: int) -> float:
+    if step < args.warmup:
+        return (step + 1) / args.warmup
+    progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    return args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _log(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}),
+          file=sys.stderr, flush=True)
+
+
+def _modules(stage: str, model, dim_vision: int, dim_text: int) -> dict[str, nn.Module]:
+    if stage == "lm":
+        return {"lm": model.model.language_model, "lm_head": model.lm_head, "symbolic": SymbolicTokens(dim_text)}
+    if stage == "vision":
+        return {"vision": model.model.vision_tower, "aux": AuxHeads(dim_vision)}
+    return {"projector": model.model.multi_modal_projector}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "train.log"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    model, processor = build_model(args.preset, seed=args.seed)
+    dim_v, dim_t = model.config.vision_config.hidden_size, model.config.text_config.hidden_size
+    parts = _modules(args.stage, model, dim_v, dim_t)
+    symbolic = None
+    if args.stage == "connect":
+        lm_state = torch.load(Path(args.lm) / "stage.pt", map_location="cpu", weights_only=False)
+        vis_state = torch.load(Path(args.vision) / "stage.pt", map_location="cpu", weights_only=False)
+        model.model.language_model.load_state_dict(lm_state["parts"]["lm"])
+        model.lm_head.load_state_dict(lm_state["parts"]["lm_head"])
+        symbolic = SymbolicTokens(dim_t)
+        symbolic.load_state_dict(lm_state["parts"]["symbolic"])
+        model.model.vision_tower.load_state_dict(vis_state["parts"]["vision"])
+        model.requires_grad_(False)
+        model.model.multi_modal_projector.requires_grad_(True)
+        symbolic.requires_grad_(False)
+    params = list({id(p): p for m in parts.values() for p in m.parameters()}.values())  # lm_head is tied
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
+    start = 0
+    ckpt_path = out / "stage.pt"
+    if args.resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        for key, module in parts.items():
+            module.load_state_dict(ckpt["parts"][key])
+        opt.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"])
+        start = ckpt["step"]
+        _log(log_path, {"kind": "event", "event": "resume", "step": start})
+    else:
+        _log(log_path, {"kind": "event", "event": "start", "args": vars(args)})
+    gen = torch.Generator().manual_seed(args.seed)
+    weights = parse_type_weights(args.type_weights)
+    tokenizer = processor.tokenizer
+    t0 = time.time()
+    window, acc = time.time(), {}
+    step = start
+    for m in parts.values():
+        m.train()
+    while step < args.steps:
+        for group in opt.param_groups:
+            group["lr"] = args.lr * _cosine(args, step)
+        if args.stage == "lm":
+            batch = lm_batch(tokenizer, args, step, weights)
+            gen.manual_seed(args.seed * 1_000_003 + step)
+            tokens = parts["symbolic"](corrupt(targets_of(batch), args.corrupt, gen))
+            tokens = tokens + args.noise * tokens.detach().norm(dim=-1, keepdim=True).mean() * torch.randn(
+                tokens.shape, generator=gen) / math.sqrt(tokens.shape[-1])
+            logits = lm_logits(model, batch["input_ids"], batch["attention_mask"], tokens)
+            loss, logs = answer_stats(logits, batch)
+        elif args.stage == "vision":
+            batch = vision_batch(args, step)
+            feats, pooled = vision_features(model, batch["pixel_values"])
+            patch_loss, cls_loss, logs = parts["aux"](feats, pooled, batch)
+            loss = patch_loss + args.cls_weight * cls_loss
+        else:
+            batch = vision_batch(args, step)
+            with torch.no_grad():
+                feats, _ = vision_features(model, batch["pixel_values"])
+                target = symbolic(targets_of(batch))
+            projected = model.model.multi_modal_projector(feats)
+            loss = F.mse_loss(projected, target) / target.pow(2).mean()
+            logs = {"rel_mse": float(loss.detach())}
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        for key, value in logs.items():
+            acc.setdefault(key, []).append(value)
+        if step % args.log_every == 0 or step == args.steps:
+            now = time.time()
+            record = {"kind": "train", "stage": args.stage, "step": step, "lr": opt.param_groups[0]["lr"],
+                      "steps_per_s": args.log_every / max(1e-9, now - window), "elapsed_s": now - t0,
+                      **{k: float(np.mean(v)) for k, v in acc.items()}}
+            _log(log_path, record)
+            window, acc = now, {}
+        done = step == args.steps
+        timed_out = args.max_minutes and time.time() - t0 > args.max_minutes * 60
+        if step % args.save_every == 0 or done or timed_out:
+            state = {"step": step, "parts": {k: m.state_dict() for k, m in parts.items()},
+                     "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "args": vars(args)}
+            torch.save(state, out / "stage.pt.tmp")
+            os.replace(out / "stage.pt.tmp", ckpt_path)
+        if timed_out:
+            _log(log_path, {"kind": "event", "event": "time_limit", "step": step})
+            break
+    if args.stage == "connect":  # the starting point of `python -m vflowopt.vqa.train --init OUT`
+        save(model, processor, out / "model")
+        torch.save(vis_state["parts"]["aux"], out / "aux.pt")
+        torch.save(symbolic.state_dict(), out / "symbolic.pt")
+    _log(log_path, {"kind": "event", "event": "end", "step": step, "elapsed_s": time.time() - t0})
+    return {"step": step}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m vflowopt.vqa.pretrain", description=__doc__.split("\n\n")[0])
+    p.add_argument("stage", choices=("lm", "vision", "connect"))
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="base")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--qa-min", type=int, default=7)
+    p.add_argument("--qa-max", type=int, default=9)
+    p.add_argument("--type-weights", default=DEFAULT_TYPE_WEIGHTS)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--min-lr-frac", type=float, default=0.05)
+    p.add_argument("--curriculum-frac", type=float, default=0.0)
+    p.add_argument("--corrupt", type=float, default=0.05, help="lm: label corruption probability per patch")
+    p.add_argument("--noise", type=float, default=0.3, help="lm: gaussian noise relative to the token norm")
+    p.add_argument("--cls-weight", type=float, default=0.5)
+    p.add_argument("--lm", help="connect: the lm stage's folder")
+    p.add_argument("--vision", help="connect: the vision stage's folder")
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--save-every", type=int, default=200)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--max-minutes", type=float, default=0.0)
+    args = p.parse_args(argv)
+    if args.stage == "connect" and not (args.lm and args.vision):
+        p.error("connect needs --lm DIR and --vision DIR")
+    return args
+
+
+def main(argv=None) -> int:
+    run(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
