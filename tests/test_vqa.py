@@ -283,3 +283,29 @@ def test_run_defaults_to_the_shipped_model_and_sample(capsys):
     assert report["answer"] == report["expected_answer"]
     assert main(["run", "--image", "x.png"]) == 2
     assert "--prompt is required with --image" in capsys.readouterr().err
+
+
+def test_background_dropping_keeps_positions_and_is_exact_when_keeping_all():
+    from vflowopt.vqa import pretrain as P
+
+    model, processor = M.build_model("tiny", seed=0)
+    model.eval()
+    args = P.parse_args(["lm", "--out", "x", "--steps", "10", "--batch", "3", "--qa-min", "2", "--qa-max", "4"])
+    batch = P.lm_batch(processor.tokenizer, args, 0, T.parse_type_weights(args.type_weights))
+    tokens = P.SymbolicTokens(32)(P.targets_of(batch)).detach()
+    image_id = model.config.image_token_id
+    gen = torch.Generator().manual_seed(0)
+    kept, kept_tokens, positions = P.drop_background(batch, tokens, image_id, 1.0, gen)
+    with torch.no_grad():
+        full = P.answer_stats(P.lm_logits(model, batch["input_ids"], batch["attention_mask"], tokens), batch)[0]
+        same = P.answer_stats(P.lm_logits(model, kept["input_ids"], kept["attention_mask"], kept_tokens,
+                                          positions), kept)[0]
+    assert torch.allclose(full, same, atol=1e-5)
+    dropped, dropped_tokens, positions = P.drop_background(batch, tokens, image_id, 0.0, gen)
+    n_objects = int((torch.stack([batch[f"patch_{k}"] for k in S.PATCH_CLASSES], -1) != 0).any(-1).sum())
+    assert int((dropped["input_ids"] == image_id).sum()) == n_objects == dropped_tokens.shape[0]
+    for b in range(3):  # every answer survives, at its original position
+        valid = dropped["attention_mask"][b] == 1
+        assert torch.equal(dropped["labels"][b][valid][dropped["labels"][b][valid] != -100],
+                           batch["labels"][b][batch["labels"][b] != -100])
+        assert torch.equal(batch["input_ids"][b][positions[b][valid]], dropped["input_ids"][b][valid])

@@ -128,13 +128,44 @@ def targets_of(batch) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def lm_logits(model, input_ids, attention_mask, image_tokens: torch.Tensor) -> torch.Tensor:
+def lm_logits(model, input_ids, attention_mask, image_tokens: torch.Tensor,
+              position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Logits of the LLaVA language model with the ``<image>`` positions filled by ``image_tokens``."""
     embeds = model.get_input_embeddings()(input_ids)
     mask = input_ids == model.config.image_token_id
     embeds = embeds.masked_scatter(mask[..., None], image_tokens.to(embeds.dtype))
-    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                        position_ids=position_ids).last_hidden_state
     return model.lm_head(hidden)
+
+
+def drop_background(batch, tokens: torch.Tensor, image_token_id: int, keep_prob: float,
+                    generator: torch.Generator) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Curriculum: drop background image tokens (no class) with probability ``1 - keep_prob``.
+
+    Why: at the start the answer must be found among 256 tokens of which ~95 % are background, and the LM's
+    attention stays uniform for thousands of steps; with the background dropped the same circuits are learned
+    on ~20 tokens, then the background is brought back gradually. Kept tokens keep their original positions
+    (``position_ids``), rows are right-padded. Returns ``(batch, image tokens kept, position_ids)``.
+    """
+    ids = batch["input_ids"]
+    is_image = ids == image_token_id
+    classes = torch.stack([batch[f"patch_{k}"] for k in S.PATCH_CLASSES], dim=-1)
+    keep_image = (classes != 0).any(-1) | (torch.rand(classes.shape[:2], generator=generator) < keep_prob)
+    keep = (~is_image) & (batch["attention_mask"] == 1)
+    keep[is_image] = keep_image.flatten()
+    rows = [k.nonzero().squeeze(-1) for k in keep]
+    length = max(len(r) for r in rows)
+    out: dict[str, torch.Tensor] = {}
+    fills = {"input_ids": 0, "attention_mask": 0, "labels": -100, "answer_type": -1}
+    for key, fill in fills.items():
+        value = batch[key]
+        out[key] = torch.stack([torch.cat([value[b, r], value.new_full((length - len(r),), fill)])
+                                for b, r in enumerate(rows)])
+    out["attention_mask"] = torch.stack([torch.cat([torch.ones(len(r), dtype=torch.long),
+                                                    torch.zeros(length - len(r), dtype=torch.long)]) for r in rows])
+    positions = torch.stack([torch.cat([r, r.new_zeros(length - len(r))]) for r in rows])
+    return out, tokens[keep_image], positions
 
 
 def vision_features(model, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,8 +270,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             tokens = parts["symbolic"](corrupt(targets_of(batch), args.corrupt, gen))
             tokens = tokens + args.noise * tokens.detach().norm(dim=-1, keepdim=True).mean() * torch.randn(
                 tokens.shape, generator=gen) / math.sqrt(tokens.shape[-1])
-            logits = lm_logits(model, batch["input_ids"], batch["attention_mask"], tokens)
+            keep_prob = min(1.0, step / (args.bg_ramp * args.steps)) if args.bg_ramp > 0 else 1.0
+            if keep_prob < 1.0:
+                batch, tokens, positions = drop_background(batch, tokens, model.config.image_token_id, keep_prob, gen)
+            else:
+                positions = None
+            logits = lm_logits(model, batch["input_ids"], batch["attention_mask"], tokens, positions)
             loss, logs = answer_stats(logits, batch)
+            logs["background_kept"] = keep_prob
         elif args.stage == "vision":
             batch = vision_batch(args, step)
             feats, pooled = vision_features(model, batch["pixel_values"])
@@ -305,6 +342,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--curriculum-frac", type=float, default=0.0)
     p.add_argument("--corrupt", type=float, default=0.05, help="lm: label corruption probability per patch")
     p.add_argument("--noise", type=float, default=0.3, help="lm: gaussian noise relative to the token norm")
+    p.add_argument("--bg-ramp", type=float, default=0.0,
+                   help="lm: background image tokens are dropped at first and kept with a probability rising "
+                        "linearly to 1 over this fraction of the steps (0: always kept)")
     p.add_argument("--cls-weight", type=float, default=0.5)
     p.add_argument("--lm", help="connect: the lm stage's folder")
     p.add_argument("--vision", help="connect: the vision stage's folder")

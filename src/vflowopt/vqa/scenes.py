@@ -463,3 +463,45 @@ def make_sample(
     desc = sample_scene(rng, config)
     qa = make_questions(desc, rng, n_questions, types, weights)
     return {"scene": desc, "image": render(desc) if image else None, "qa": qa}
+
+
+def export(folder: str, n: int, seed: int = 0, split: str = "val") -> str:
+    """Write ``n`` scenes of ``split`` with one question each (types in rotation) as PNGs + ``data.jsonl``
+    (``{"image", "prompt", "answer", "type"}`` per line: the ``--data`` format of ``vflowopt optimize``)."""
+    import json
+    from pathlib import Path
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    index = 0
+    while len(lines) < n:
+        rng = scene_rng(split, seed, index)
+        desc = sample_scene(rng)
+        qa = question_of_type(desc, rng, QUESTION_TYPES[len(lines) % len(QUESTION_TYPES)])
+        index += 1
+        if qa is None:
+            continue
+        name = f"scene_{len(lines):03d}.png"
+        render(desc).save(out / name)
+        lines.append(json.dumps({"image": name, "prompt": qa["question"], "answer": qa["answer"], "type": qa["type"]}))
+    (out / "data.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(out / "data.jsonl")
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m vflowopt.vqa.scenes",
+                                description="Write procedural scenes + questions as PNGs and a data.jsonl.")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--n", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default="val", choices=sorted(SPLITS))
+    args = p.parse_args(argv)
+    print(export(args.out, args.n, args.seed, args.split))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
