@@ -21,7 +21,7 @@ test: .venv
 	$(BIN)/python -m pytest -q
 
 run: .venv
-	$(BIN)/vflowopt run --prompt "What is in the image?"
+	$(BIN)/vflowopt run
 
 lint: .venv
 	$(BIN)/ruff check src tests

@@ -192,6 +192,8 @@ def test_symbolic_tokens_and_corruption():
     assert all(torch.equal(same[k], targets[k]) for k in targets)
     flipped = P.corrupt(targets, 1.0, torch.Generator().manual_seed(0))
     assert any(not torch.equal(flipped[k], targets[k]) for k in targets)
+    background = torch.stack(list(targets.values()), -1).eq(0).all(-1)
+    assert all(torch.equal(flipped[k][background], targets[k][background]) for k in targets)
     for k, n in S.PATCH_CLASSES.items():
         assert int(flipped[k].max()) < n
     # two patches with the same classes in different places differ only by their position embeddings
