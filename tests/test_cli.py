@@ -117,7 +117,7 @@ def test_budget_or_other_method_with_strategy_is_refused(capsys, tmp_path):
 
 
 def test_usage_errors_and_help_return_codes(capsys):
-    assert main(["run"]) == 2  # --prompt is required
+    assert main(["run", "--image", "x.png"]) == 2  # --prompt is required with --image
     assert main([]) == 2  # a subcommand is required
     assert main(["run", "--help"]) == 0
     assert "--strategy" in capsys.readouterr().out

@@ -337,7 +337,7 @@ def test_cli_bad_arguments(capsys, args, message):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_cli_bad_storage_and_mixed_study(capsys, tmp_path, tiny_cached, monkeypatch):
+def test_cli_bad_storage_and_mixed_study(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code = main(["optimize", "--budget", "0.25", "--trials", "1", "--samples", "1",
                  "--storage", f"sqlite:///{tmp_path / 'nowhere' / 's.db'}"])

@@ -266,7 +266,7 @@ def test_shipped_model_answers_the_shipped_samples(shipped):
     for line in lines:
         rec = json.loads(line)
         with folder.joinpath(rec["image"]).open("rb") as fh:
-            items.append({"image": Image.open(fh).convert("RGB"), "question": rec["prompt"], **rec})
+            items.append({**rec, "image": Image.open(fh).convert("RGB"), "question": rec["prompt"]})
     assert len(items) >= 10 and {it["type"] for it in items} == set(S.QUESTION_TYPES)
     assert E.answer_questions(model, processor, items) == [it["answer"] for it in items]
     # the samples are the scenes they claim to be (regenerated from split, seed and index)

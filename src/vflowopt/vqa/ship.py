@@ -205,7 +205,8 @@ stage ran them.
 |---|---|---|
 {stage_rows}
 
-Total: {total_s / 60:.0f} minutes of wall clock.
+Sum over stages: {total_s / 60:.0f} minutes (minutes = wall clock of each stage from its log, resumed
+segments added; stages that ran side by side each count in full).
 
 ## Files
 
