@@ -1,7 +1,7 @@
 """The `vflowopt` command.
 
-`vflowopt run` prunes one prompt on a local model (or, with no --model, on the bundled tiny randomly
-initialised model) and shows what pruning did. `vflowopt optimize` searches a pruning strategy for a
+`vflowopt run` prunes one prompt on a local model (or, with no --model, on the small VQA model shipped
+in the package) and shows what pruning did. `vflowopt optimize` searches a pruning strategy for a
 model and budget (VFlowOpt paper 3.3) and writes it as a strategy JSON for `run --strategy`. `vflowopt bench`
 measures efficiency and fidelity; `vflowopt eval` measures accuracy on the procedural VQA benchmark. Every
 subcommand is one module with an `_add_<name>` function that registers its parser and sets `func`; `main` only

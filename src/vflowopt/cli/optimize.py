@@ -33,8 +33,8 @@ def _add_optimize(sub: argparse._SubParsersAction) -> None:
             "unlabeled samples (VFlowOpt paper 3.3), with Optuna's GPSampler. The study lives in a "
             "storage (default: a SQLite file), so re-running the same command continues an interrupted "
             "search up to --trials. The best strategy is written as a JSON for `vflowopt run --strategy`. "
-            "Without --model the bundled tiny RANDOMLY INITIALISED model is used; without --data the "
-            "procedural sample images shipped with vflowopt. Nothing is downloaded."
+            "Without --model the small VQA model shipped with vflowopt is used; without --data the "
+            "procedural sample scenes shipped with it. Nothing is downloaded."
         ),
     )
     p.add_argument("--model", metavar="DIR",
