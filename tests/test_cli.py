@@ -17,10 +17,10 @@ PROMPT = "What is in the image?"
 def tiny_cached(monkeypatch, make_model):
     """The cached tiny OneVision stands in for the shipped default model (its 6 layers and 3 stages are what
     these tests check; the shipped model itself is exercised in test_vqa.py)."""
-    import vflowopt.cli.run
+    import vflowopt.cli.common
 
     model, processor = make_model("llava_onevision")
-    monkeypatch.setattr(vflowopt.cli.run, "_shipped_model", lambda: (model, processor))
+    monkeypatch.setattr(vflowopt.cli.common, "_shipped_model", lambda: (model, processor))
     return model
 
 

@@ -240,6 +240,23 @@ def _shipped_model():
     return load(path)
 
 
+def _model_for(args: argparse.Namespace, console) -> tuple[Any, Any, str]:
+    """``(model, processor, name)`` on ``args.device``: ``--model DIR``, or the shipped VQA model."""
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda was asked for, but torch sees no CUDA device")
+    if args.model is None:
+        _note("No --model given: using the small LLaVA trained on vflowopt's procedural VQA scenes "
+              "(vflowopt/assets/vqa_model; it only knows such scenes).", args, console)
+        model, processor = _shipped_model()
+        name = VQA_MODEL_NAME
+    else:
+        model, processor = _load_model(args.model)
+        name = args.model
+    return model.to(args.device), processor, name
+
+
 def _shipped_sample() -> dict[str, Any]:
     """The first shipped sample scene: ``{"image": PIL image, "prompt", "answer", "type"}``."""
     from PIL import Image

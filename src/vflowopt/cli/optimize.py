@@ -9,15 +9,13 @@ from pathlib import Path
 
 from .common import (
     DEFAULT_METHOD,
-    VQA_MODEL_NAME,
     CLIError,
     _budget,
-    _load_model,
+    _model_for,
     _note,
     _one_line,
     _positive_int,
     _round,
-    _shipped_model,
 )
 
 
@@ -107,24 +105,11 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         raise CLIError(f"--startup-trials must be >= 0, got {args.startup_trials}")
     records = _optimize_data(args, console)
 
-    import torch
-
     from vflowopt.search import default_study_name, run_optimization
     from vflowopt.search.plot import plot_history
     from vflowopt.tiny import build_inputs
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda was asked for, but torch sees no CUDA device")
-    random_weights = False
-    if args.model is None:
-        _note("No --model given: using the small LLaVA trained on vflowopt's procedural VQA scenes "
-              "(vflowopt/assets/vqa_model).", args, console)
-        model, processor = _shipped_model()
-        model_name = VQA_MODEL_NAME
-    else:
-        model, processor = _load_model(args.model)
-        model_name = args.model
-    model.to(args.device)
+    model, processor, model_name = _model_for(args, console)
 
     samples = []
     for rec in records:
@@ -158,7 +143,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     report = {
         "model": model_name,
         "model_class": type(model).__name__,
-        "random_weights": random_weights,
+        "random_weights": False,  # always False since the default is the trained VQA model; kept for JSON readers
         "data": args.data if args.data is not None else "shipped samples",
         "samples": result.n_samples,
         "method": result.config.method,

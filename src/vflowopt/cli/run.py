@@ -12,17 +12,15 @@ from .common import (
     DEFAULT_BUDGET,
     DEFAULT_METHOD,
     SAMPLE_SCENE,
-    VQA_MODEL_NAME,
     CLIError,
     _budget,
     _layer_ranges,
     _load_image,
-    _load_model,
+    _model_for,
     _note,
     _one_line,
     _positive_int,
     _round,
-    _shipped_model,
     _shipped_sample,
     _sync,
 )
@@ -113,8 +111,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import vflowopt
     from vflowopt.tiny import build_inputs
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda was asked for, but torch sees no CUDA device")
     expected = None
     if args.image is None:
         sample = _shipped_sample()
@@ -127,16 +123,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise CLIError("--prompt is required with --image (only the shipped sample scene has a default question)")
     else:
         image = _load_image(args.image)
-    random_weights = False
-    if args.model is None:
-        _note("No --model given: using the small LLaVA trained on vflowopt's procedural VQA scenes "
-              "(vflowopt/assets/vqa_model; it only knows such scenes).", args, console)
-        model, processor = _shipped_model()
-        model_name = VQA_MODEL_NAME
-    else:
-        model, processor = _load_model(args.model)
-        model_name = args.model
-    model.to(args.device)
+    model, processor, model_name = _model_for(args, console)
 
     try:
         inputs = build_inputs(processor, [image], [args.prompt]).to(args.device)
@@ -176,7 +163,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     report = {
         "model": model_name,
         "model_class": type(model).__name__,
-        "random_weights": random_weights,
+        "random_weights": False,  # always False since the default is the trained VQA model; kept for JSON readers
         "image": args.image if args.image is not None else SAMPLE_SCENE,
         "prompt": args.prompt,
         "answer": answer,
@@ -211,7 +198,7 @@ def _print_report(console, report: dict, stats) -> None:
     from rich.table import Table
 
     answer = report["answer"] or "(empty)"
-    title = "Answer (random weights: meaningless)" if report["random_weights"] else "Answer"
+    title = "Answer"
     if report.get("expected_answer") is not None:
         answer += f"   (expected: {report['expected_answer']})"
     console.print(Panel(escape(answer), title=title, title_align="left", expand=False))

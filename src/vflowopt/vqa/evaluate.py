@@ -32,6 +32,7 @@ JSON written by ``--json`` (``evaluate()`` returns the same dict)::
          "visual_tokens_into_llm": 26,       # visual tokens entering the LLM's first layer (last batch)
          "mean_retention": 0.1,              # PruneStats.mean_retention over LLM layers (last batch)
          "reason": null,                     # why it was refused
+         "strategy": null,                   # the --strategy file of this row (null: config_for defaults)
          "seconds": 1.2},
         ...
       ],

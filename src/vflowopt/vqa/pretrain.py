@@ -38,7 +38,7 @@ from torch import nn
 
 from . import scenes as S
 from .model import build_model, save
-from .train import DEFAULT_TYPE_WEIGHTS, AuxHeads, encode_qa, parse_type_weights, pixel_values
+from .train import DEFAULT_TYPE_WEIGHTS, AuxHeads, encode_qa, parse_type_weights, pixel_values, warm_cosine
 
 GRID = 16
 N_TOKENS = GRID * GRID
@@ -200,13 +200,6 @@ def answer_stats(logits, batch) -> tuple[torch.Tensor, dict[str, float]]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _cosine(args, step: int) -> float:
-    if step < args.warmup:
-        return (step + 1) / args.warmup
-    progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
-    return args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def _log(path: Path, record: dict[str, Any]) -> None:
     with path.open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(record) + "\n")
@@ -270,7 +263,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         m.train()
     while step < args.steps:
         for group in opt.param_groups:
-            group["lr"] = args.lr * _cosine(args, step)
+            group["lr"] = args.lr * warm_cosine(step, 0, args.steps, args.warmup, args.min_lr_frac)
         if args.stage == "lm":
             batch = lm_batch(tokenizer, args, step, weights)
             gen.manual_seed(args.seed * 1_000_003 + step)

@@ -465,24 +465,32 @@ def make_sample(
     return {"scene": desc, "image": render(desc) if image else None, "qa": qa}
 
 
+def questions_in_rotation(split: str = "val", seed: int = 0):
+    """Endless ``(index, description, qa)``: scenes ``0, 1, ...`` of ``split`` with one question each, types in
+    rotation (a scene that cannot support the next type is skipped). Shipped samples and exports use it."""
+    index, made = 0, 0
+    while True:
+        rng = scene_rng(split, seed, index)
+        desc = sample_scene(rng)
+        qa = question_of_type(desc, rng, QUESTION_TYPES[made % len(QUESTION_TYPES)])
+        if qa is not None:
+            made += 1
+            yield index, desc, qa
+        index += 1
+
+
 def export(folder: str, n: int, seed: int = 0, split: str = "val") -> str:
     """Write ``n`` scenes of ``split`` with one question each (types in rotation) as PNGs + ``data.jsonl``
     (``{"image", "prompt", "answer", "type"}`` per line: the ``--data`` format of ``vflowopt optimize``)."""
+    import itertools
     import json
     from pathlib import Path
 
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     lines = []
-    index = 0
-    while len(lines) < n:
-        rng = scene_rng(split, seed, index)
-        desc = sample_scene(rng)
-        qa = question_of_type(desc, rng, QUESTION_TYPES[len(lines) % len(QUESTION_TYPES)])
-        index += 1
-        if qa is None:
-            continue
-        name = f"scene_{len(lines):03d}.png"
+    for k, (_, desc, qa) in enumerate(itertools.islice(questions_in_rotation(split, seed), n)):
+        name = f"scene_{k:03d}.png"
         render(desc).save(out / name)
         lines.append(json.dumps({"image": name, "prompt": qa["question"], "answer": qa["answer"], "type": qa["type"]}))
     (out / "data.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")

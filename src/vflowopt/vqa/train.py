@@ -236,26 +236,28 @@ class Taps:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def warm_cosine(step: int, start: int, end: int, warmup: int, min_frac: float) -> float:
+    """Learning-rate multiplier: linear warm-up from ``start``, then cosine down to ``min_frac`` at ``end``."""
+    s = step - start
+    length = max(1, end - start)
+    if s < warmup:
+        return (s + 1) / warmup
+    progress = min(1.0, (s - warmup) / max(1, length - warmup))
+    return min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def lr_factors(args, step: int) -> tuple[float, float]:
     """Multipliers ``(vision + aux heads, projector + LM)`` of the base learning rates at ``step``."""
     total = args.steps
     freeze_at = int(args.freeze_vision_frac * total)
     vision_only = int(args.vision_only_frac * total)
-
-    def warm_cosine(s: int, start: int, end: int, warmup: int) -> float:
-        s = s - start
-        length = max(1, end - start)
-        if s < warmup:
-            return (s + 1) / warmup
-        progress = min(1.0, (s - warmup) / max(1, length - warmup))
-        return args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
-
+    floor = args.min_lr_frac
     if step >= freeze_at:
-        return 0.0, warm_cosine(step, freeze_at, total, args.warmup // 2) * args.lr_stage2 / args.lr_lm
-    vis = warm_cosine(step, 0, freeze_at, args.warmup)
+        return 0.0, warm_cosine(step, freeze_at, total, args.warmup // 2, floor) * args.lr_stage2 / args.lr_lm
+    vis = warm_cosine(step, 0, freeze_at, args.warmup, floor)
     if step < vision_only:
         return vis, 0.0
-    return vis, warm_cosine(step, vision_only, freeze_at, args.warmup)
+    return vis, warm_cosine(step, vision_only, freeze_at, args.warmup, floor)
 
 
 # ----------------------------------------------------------------------------------------------------------
