@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from vflowopt.vqa import evaluate as E
 from vflowopt.vqa import model as M
@@ -201,12 +202,14 @@ def test_symbolic_tokens_and_corruption():
     assert not torch.allclose(a[0, 0], a[0, 17])
 
 
-def test_decoupled_pretraining_connects_and_fine_tunes(tmp_path):
+@pytest.mark.parametrize("question_first", [False, True])
+def test_decoupled_pretraining_connects_and_fine_tunes(tmp_path, question_first):
     from vflowopt.vqa import pretrain as P
 
     common = ["--preset", "tiny", "--batch", "2", "--qa-min", "2", "--qa-max", "3", "--log-every", "1",
-              "--threads", "2", "--warmup", "1"]
-    P.main(["lm", "--out", str(tmp_path / "lm"), "--steps", "2", *common])
+              "--threads", "1", "--warmup", "1"]
+    P.main(["lm", "--out", str(tmp_path / "lm"), "--steps", "2", *common,
+            *(["--question-first"] if question_first else [])])
     P.main(["vision", "--out", str(tmp_path / "vision"), "--steps", "2", *common])
     P.main(["lm", "--out", str(tmp_path / "lm"), "--steps", "3", "--resume", *common])
     assert torch.load(tmp_path / "lm" / "stage.pt", weights_only=False)["step"] == 3
@@ -221,6 +224,61 @@ def test_decoupled_pretraining_connects_and_fine_tunes(tmp_path):
             "--eval-every", "0", "--threads", "2", "--scale-weight", "0"])
     records = [json.loads(line) for line in (tmp_path / "j" / "train.log").read_text().splitlines()]
     assert any("align_rel_mse" in r for r in records if r["kind"] == "train")
+    # the layout travels lm -> connect -> joint -> the saved processor
+    assert records[0]["args"]["question_first"] is question_first
+    _, processor = M.load(tmp_path / "j" / "model")
+    assert (processor.chat_template == M.QUESTION_FIRST_TEMPLATE) is question_first
+
+
+def test_referents_name_the_patches_each_question_is_about():
+    from vflowopt.vqa import pretrain as P
+
+    desc = {"width": 224, "height": 224, "background": {"kind": "noise", "seed": 1, "level": 0.0}, "digits": [],
+            "objects": [{"shape": "square", "colour": "red", "size": "large", "bbox": [14, 14, 56, 56], "cx": 35,
+                         "cy": 35},
+                        {"shape": "circle", "colour": "blue", "size": "large", "bbox": [140, 140, 182, 182],
+                         "cx": 161, "cy": 161}]}
+    t = S.patch_targets(desc)
+    red_square, blue_circle = t["colour"] == S.COLOUR_IDS["red"], t["colour"] == S.COLOUR_IDS["blue"]
+    ask = lambda qtype, q: P.referents(t, {"type": qtype, "question": q})  # noqa: E731
+    assert np.array_equal(ask("exists", "is there a red square ?") == 1, red_square)
+    assert not ask("exists", "is there a red circle ?").any()  # hard negative: colour and shape apart
+    assert np.array_equal(ask("colour", "what colour is the circle ?") == 1, blue_circle)
+    assert np.array_equal(ask("count", "how many squares are there ?") == 1, red_square)
+    assert np.array_equal(ask("count", "how many blue objects are there ?") == 1, blue_circle)
+    both = ask("position", "is the blue circle left or right of the red square ?")
+    assert np.array_equal(both == 1, blue_circle) and np.array_equal(both == 2, red_square)
+
+
+def test_match_probe_trains_on_question_first_sequences(tmp_path):
+    from vflowopt.vqa import pretrain as P
+
+    common = ["--preset", "tiny", "--batch", "2", "--qa-min", "2", "--qa-max", "2", "--log-every", "1",
+              "--threads", "1", "--warmup", "1", "--question-first", "--match-weight", "1", "--match-layer", "1"]
+    P.main(["lm", "--out", str(tmp_path / "lm"), "--steps", "2", "--bg-ramp", "0.5", *common])
+    records = [json.loads(line) for line in (tmp_path / "lm" / "train.log").read_text().splitlines()]
+    assert all("match_loss" in r for r in records if r["kind"] == "train")
+    with pytest.raises(SystemExit):  # image tokens precede the question: nothing to match against
+        P.parse_args(["lm", "--out", "x", "--steps", "1", "--match-weight", "1"])
+    with pytest.raises(SystemExit, match="match-layer"):
+        P.main(["lm", "--out", str(tmp_path / "bad"), "--steps", "1", *common[:-1], "5"])
+
+
+def test_question_first_sequences_match_the_chat_template():
+    from vflowopt.tiny import build_inputs
+
+    processor = M.build_processor(question_first=True)
+    qa = [{"type": "colour", "question": "what colour is the square ?", "answer": "red"}]
+    ids, labels, types = T.encode_qa(processor.tokenizer, qa, 256, question_first=True)
+    prompt = build_inputs(processor, [Image.new("RGB", (224, 224))], [qa[0]["question"]])["input_ids"][0].tolist()
+    assert ids[: len(prompt)] == prompt  # training sees exactly what inference feeds
+    assert labels[len(prompt):] == ids[len(prompt):] and types[len(prompt)] == S.QUESTION_TYPES.index("colour")
+    with pytest.raises(ValueError, match="one question"):
+        T.encode_qa(processor.tokenizer, qa * 2, 256, question_first=True)
+    batch = T.make_batch(processor.tokenizer, T.parse_args(["--out", "x", "--steps", "1", "--batch", "2",
+                                                            "--qa-min", "3", "--qa-max", "3", "--question-first"]), 0)
+    assert batch["input_ids"].shape[0] == 6 and batch["pixel_values"].shape[0] == 2
+    assert batch["scene_index"].tolist() == [0, 0, 0, 1, 1, 1]
 
 
 def test_eval_command_json_and_strategy(tiny_saved, tmp_path, capsys):

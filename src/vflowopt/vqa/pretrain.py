@@ -41,6 +41,7 @@ from .model import build_model, save
 from .train import DEFAULT_TYPE_WEIGHTS, AuxHeads, encode_qa, parse_type_weights, pixel_values, warm_cosine
 
 GRID = 16
+RESUME_KEEP = ("stage", "out", "steps", "resume", "log_every", "save_every", "threads", "max_minutes")
 N_TOKENS = GRID * GRID
 
 
@@ -87,6 +88,28 @@ def corrupt(targets: dict[str, torch.Tensor], p: float, generator: torch.Generat
 # ----------------------------------------------------------------------------------------------------------
 
 
+def referents(targets: dict[str, np.ndarray], item: dict[str, str]) -> np.ndarray:
+    """Per patch: 1 on the object(s) the question is about, 2 on the second object of a position question,
+    0 elsewhere. The target of the ``--match-weight`` probe (question-first only)."""
+    words = item["question"].split()
+    colours = [S.COLOUR_IDS[w] for w in words if w in S.COLOUR_IDS]
+    shapes = [S.SHAPE_IDS[w] for w in words if w in S.SHAPE_IDS]
+    out = np.zeros_like(targets["colour"])
+    if item["type"] == "digit":
+        out[targets["digit"] > 0] = 1
+        return out
+    pairs = list(zip(colours, shapes)) if item["type"] in ("exists", "position") else [
+        (colours[0] if colours else None, shapes[0] if shapes else None)]
+    for k, (colour, shape) in enumerate(pairs[:2]):
+        hit = np.ones_like(out, dtype=bool)
+        if colour is not None:
+            hit &= targets["colour"] == colour
+        if shape is not None:
+            hit &= targets["shape"] == shape
+        out[hit] = k + 1
+    return out
+
+
 def scene_config(args, step: int) -> S.SceneConfig:
     return S.SceneConfig.easy() if step < args.curriculum_frac * args.steps else S.SceneConfig()
 
@@ -97,8 +120,13 @@ def lm_batch(tokenizer, args, step: int, weights) -> dict[str, torch.Tensor]:
         rng = S.scene_rng("train", args.seed, 10_000_000 + step * args.batch + j)
         desc = S.sample_scene(rng, scene_config(args, step))
         qa = S.make_questions(desc, rng, int(rng.integers(args.qa_min, args.qa_max + 1)), S.QUESTION_TYPES, weights)
-        ids, labels, types = encode_qa(tokenizer, qa, N_TOKENS)
-        rows.append((ids, labels, types, S.patch_targets(desc)))
+        targets = S.patch_targets(desc)
+        if args.question_first:  # one row per question, the scene repeated
+            for item in qa:
+                rows.append((*encode_qa(tokenizer, [item], N_TOKENS, question_first=True),
+                             {**targets, "referent": referents(targets, item)}))
+        else:
+            rows.append((*encode_qa(tokenizer, qa, N_TOKENS), targets))
     length = max(len(r[0]) for r in rows)
     pad = tokenizer.pad_token_id
     batch = {
@@ -107,7 +135,7 @@ def lm_batch(tokenizer, args, step: int, weights) -> dict[str, torch.Tensor]:
         "labels": torch.tensor([r[1] + [-100] * (length - len(r[1])) for r in rows]),
         "answer_type": torch.tensor([r[2] + [-1] * (length - len(r[2])) for r in rows]),
     }
-    for key in S.PATCH_CLASSES:
+    for key in (*S.PATCH_CLASSES, *(("referent",) if args.question_first else ())):
         batch[f"patch_{key}"] = torch.from_numpy(np.stack([r[3][key] for r in rows]))
     return batch
 
@@ -136,14 +164,18 @@ def targets_of(batch) -> dict[str, torch.Tensor]:
 
 
 def lm_logits(model, input_ids, attention_mask, image_tokens: torch.Tensor,
-              position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits of the LLaVA language model with the ``<image>`` positions filled by ``image_tokens``."""
+              position_ids: torch.Tensor | None = None, tap_layer: int | None = None):
+    """Logits of the LLaVA language model with the ``<image>`` positions filled by ``image_tokens``; with
+    ``tap_layer``, also the hidden states of the image positions after that many layers, ``(n_image, dim)``."""
     embeds = model.get_input_embeddings()(input_ids)
     mask = input_ids == model.config.image_token_id
     embeds = embeds.masked_scatter(mask[..., None], image_tokens.to(embeds.dtype))
-    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                        position_ids=position_ids).last_hidden_state
-    return model.lm_head(hidden)
+    out = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                     position_ids=position_ids, output_hidden_states=tap_layer is not None)
+    logits = model.lm_head(out.last_hidden_state)
+    if tap_layer is None:
+        return logits
+    return logits, out.hidden_states[tap_layer][mask]
 
 
 def drop_background(batch, tokens: torch.Tensor, image_token_id: int, keep_prob: float,
@@ -159,6 +191,8 @@ def drop_background(batch, tokens: torch.Tensor, image_token_id: int, keep_prob:
     is_image = ids == image_token_id
     classes = torch.stack([batch[f"patch_{k}"] for k in S.PATCH_CLASSES], dim=-1)
     keep_image = (classes != 0).any(-1) | (torch.rand(classes.shape[:2], generator=generator) < keep_prob)
+    if "patch_referent" in batch:
+        out_referent = batch["patch_referent"][keep_image]
     keep = (~is_image) & (batch["attention_mask"] == 1)
     keep[is_image] = keep_image.flatten()
     rows = [k.nonzero().squeeze(-1) for k in keep]
@@ -172,6 +206,8 @@ def drop_background(batch, tokens: torch.Tensor, image_token_id: int, keep_prob:
     out["attention_mask"] = torch.stack([torch.cat([torch.ones(len(r), dtype=torch.long),
                                                     torch.zeros(length - len(r), dtype=torch.long)]) for r in rows])
     positions = torch.stack([torch.cat([r, r.new_zeros(length - len(r))]) for r in rows])
+    if "patch_referent" in batch:
+        out["referent"] = out_referent  # (kept image tokens,), in the order they fill the sequence
     return out, tokens[keep_image], positions
 
 
@@ -209,7 +245,8 @@ def _log(path: Path, record: dict[str, Any]) -> None:
 
 def _modules(stage: str, model, dim_vision: int, dim_text: int) -> dict[str, nn.Module]:
     if stage == "lm":
-        return {"lm": model.model.language_model, "lm_head": model.lm_head, "symbolic": SymbolicTokens(dim_text)}
+        return {"lm": model.model.language_model, "lm_head": model.lm_head, "symbolic": SymbolicTokens(dim_text),
+                "match": nn.Linear(dim_text, 3)}
     if stage == "vision":
         return {"vision": model.model.vision_tower, "aux": AuxHeads(dim_vision)}
     return {"projector": model.model.multi_modal_projector}
@@ -224,12 +261,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
-    model, processor = build_model(args.preset, seed=args.seed)
+    ckpt_path = out / "stage.pt"
+    ckpt = None
+    if args.resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        for key, value in ckpt["args"].items():  # the recipe comes from the checkpoint; run control from now
+            if key not in RESUME_KEEP:
+                setattr(args, key, value)
+    lm_state = None
+    if args.stage == "connect":  # the LM's prompt layout decides the saved processor's chat template
+        lm_state = torch.load(Path(args.lm) / "stage.pt", map_location="cpu", weights_only=False)
+        args.question_first = bool(lm_state["args"].get("question_first", False))
+    model, processor = build_model(args.preset, seed=args.seed, question_first=args.question_first)
     dim_v, dim_t = model.config.vision_config.hidden_size, model.config.text_config.hidden_size
+    if args.match_weight > 0 and not 1 <= args.match_layer <= model.config.text_config.num_hidden_layers:
+        raise SystemExit(f"--match-layer {args.match_layer}: the LM has layers 1..."
+                         f"{model.config.text_config.num_hidden_layers}")
     parts = _modules(args.stage, model, dim_v, dim_t)
     symbolic = None
     if args.stage == "connect":
-        lm_state = torch.load(Path(args.lm) / "stage.pt", map_location="cpu", weights_only=False)
         vis_state = torch.load(Path(args.vision) / "stage.pt", map_location="cpu", weights_only=False)
         model.model.language_model.load_state_dict(lm_state["parts"]["lm"])
         model.lm_head.load_state_dict(lm_state["parts"]["lm_head"])
@@ -242,11 +292,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     params = list({id(p): p for m in parts.values() for p in m.parameters()}.values())  # lm_head is tied
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
     start = 0
-    ckpt_path = out / "stage.pt"
-    if args.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if ckpt is not None:
         for key, module in parts.items():
-            module.load_state_dict(ckpt["parts"][key])
+            if key in ckpt["parts"]:  # runs from before the match probe existed have none
+                module.load_state_dict(ckpt["parts"][key])
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"])
         start = ckpt["step"]
@@ -275,8 +324,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 batch, tokens, positions = drop_background(batch, tokens, model.config.image_token_id, keep_prob, gen)
             else:
                 positions = None
-            logits = lm_logits(model, batch["input_ids"], batch["attention_mask"], tokens, positions)
+                if args.question_first:
+                    batch["referent"] = batch["patch_referent"].flatten()
+            tap = args.match_layer if args.match_weight > 0 else None
+            out_lm = lm_logits(model, batch["input_ids"], batch["attention_mask"], tokens, positions, tap)
+            logits = out_lm[0] if tap is not None else out_lm
             loss, logs = answer_stats(logits, batch)
+            if tap is not None:  # dense supervision: which image tokens the question is about
+                match_logits = parts["match"](out_lm[1])
+                match_loss = F.cross_entropy(match_logits.float(), batch["referent"])
+                loss = loss + args.match_weight * match_loss
+                hit = batch["referent"] > 0
+                logs["match_loss"] = float(match_loss.detach())
+                logs["match_recall"] = float((match_logits.argmax(-1)[hit] == batch["referent"][hit]).float().mean())
             logs["background_kept"] = keep_prob
         elif args.stage == "vision":
             batch = vision_batch(args, step)
@@ -346,6 +406,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bg-ramp", type=float, default=0.0,
                    help="lm: background image tokens are dropped at first and kept with a probability rising "
                         "linearly to 1 over this fraction of the steps (0: always kept)")
+    p.add_argument("--question-first", action="store_true",
+                   help="lm: one question per sequence, placed before the image tokens (the shipped model's "
+                        "prompt layout); --qa-min/--qa-max then count sequences per scene")
+    p.add_argument("--match-weight", type=float, default=0.0,
+                   help="lm, question-first: weight of a probe loss on the image tokens' hidden states after "
+                        "--match-layer layers, naming the patches the question is about (0: off)")
+    p.add_argument("--match-layer", type=int, default=2)
     p.add_argument("--cls-weight", type=float, default=0.5)
     p.add_argument("--lm", help="connect: the lm stage's folder")
     p.add_argument("--vision", help="connect: the vision stage's folder")
@@ -356,6 +423,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.stage == "connect" and not (args.lm and args.vision):
         p.error("connect needs --lm DIR and --vision DIR")
+    if args.match_weight > 0 and not args.question_first:
+        p.error("--match-weight needs --question-first (image tokens see the question only then)")
     return args
 
 

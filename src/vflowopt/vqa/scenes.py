@@ -67,6 +67,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
 COUNT_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven")
+#: Class ids of :func:`patch_targets` (0 is "none"); plurals name the same shape.
+COLOUR_IDS: dict[str, int] = {name: k + 1 for k, name in enumerate(COLOURS)}
+SHAPE_IDS: dict[str, int] = {**{name: k + 1 for k, name in enumerate(SHAPES)},
+                             **{PLURALS[name]: k + 1 for k, name in enumerate(SHAPES)}}
 QUESTION_TYPES: tuple[str, ...] = ("exists", "colour", "count", "position", "digit")
 BACKGROUNDS: tuple[str, ...] = ("noise", "stripes", "checker", "blobs")
 #: Random stream per split: the same (seed, index) gives unrelated scenes in different splits.
@@ -304,15 +308,13 @@ def patch_targets(desc: dict[str, Any], patch: int = 14, min_cover: float = 0.2)
     gh, gw = h // patch, w // patch
     blocks = labels[: gh * patch, : gw * patch].reshape(gh, patch, gw, patch).transpose(0, 2, 1, 3)
     blocks = blocks.reshape(gh * gw, patch * patch)
-    colour_ids = {name: k + 1 for k, name in enumerate(COLOURS)}
-    shape_ids = {name: k + 1 for k, name in enumerate(SHAPES)}
     out = {key: np.zeros(gh * gw, dtype=np.int64) for key in PATCH_CLASSES}
     need = min_cover * patch * patch
     for i, obj in enumerate(desc["objects"]):
         cover = (blocks == i + 1).sum(axis=1)
         best = cover >= need
-        out["colour"][best] = colour_ids[obj["colour"]]
-        out["shape"][best] = shape_ids[obj["shape"]]
+        out["colour"][best] = COLOUR_IDS[obj["colour"]]
+        out["shape"][best] = SHAPE_IDS[obj["shape"]]
         cy, cx = min(int(obj["cy"]) // patch, gh - 1), min(int(obj["cx"]) // patch, gw - 1)
         out["centre"][cy * gw + cx] = 1
     for j, digit in enumerate(desc["digits"]):

@@ -76,19 +76,24 @@ def pixel_values(image) -> torch.Tensor:
     return torch.from_numpy(arr.transpose(2, 0, 1).copy())
 
 
-def encode_qa(tokenizer, qa: list[dict[str, str]], n_image_tokens: int) -> tuple[list[int], list[int], list[int]]:
+def encode_qa(tokenizer, qa: list[dict[str, str]], n_image_tokens: int,
+              question_first: bool = False) -> tuple[list[int], list[int], list[int]]:
     """Token ids, labels (-100 except answers and their ``</s>``) and per-token question-type index (-1 where
     no answer), in the chat template's multi-turn format: ``<s>USER: <image>*N\\n q1 ASSISTANT: a1 </s>
-    USER: q2 ASSISTANT: a2 </s> ...``."""
+    USER: q2 ASSISTANT: a2 </s> ...``; with ``question_first`` (one question) ``<s>USER: q <image>*N
+    ASSISTANT: a </s>``, the layout of :data:`vflowopt.vqa.model.QUESTION_FIRST_TEMPLATE`."""
     vocab = tokenizer.get_vocab()
     user = [vocab["USER"], vocab[":"]]
     assistant = [vocab["ASSISTANT"], vocab[":"]]
-    ids = [tokenizer.bos_token_id, *user] + [vocab["<image>"]] * n_image_tokens
+    image = [vocab["<image>"]] * n_image_tokens
+    if question_first and len(qa) != 1:
+        raise ValueError(f"question-first sequences hold one question, got {len(qa)}")
+    ids = [tokenizer.bos_token_id, *user] + ([] if question_first else image)
     labels = [-100] * len(ids)
     types = [-1] * len(ids)
     for k, item in enumerate(qa):
         q = [vocab[w] for w in item["question"].split()]
-        prefix = (user if k else []) + q + assistant
+        prefix = (user if k else []) + q + (image if question_first else []) + assistant
         ids += prefix
         labels += [-100] * len(prefix)
         types += [-1] * len(prefix)
@@ -144,22 +149,38 @@ def make_batch(tokenizer, args, step: int, weights=None) -> dict[str, torch.Tens
         desc = S.sample_scene(rng, scene_config_for(args, step, index))
         n_q = int(rng.integers(args.qa_min, args.qa_max + 1))
         qa = S.make_questions(desc, rng, n_q, S.QUESTION_TYPES, weights)
-        ids, labels, types = encode_qa(tokenizer, qa, n_tokens)
-        rows.append((S.render(desc), ids, labels, types, S.patch_targets(desc), S.scene_targets(desc)))
-    length = max(len(r[1]) for r in rows)
+        if getattr(args, "question_first", False):  # one sequence per question; the picture is encoded once
+            seqs = [encode_qa(tokenizer, [item], n_tokens, question_first=True) for item in qa]
+        else:
+            seqs = [encode_qa(tokenizer, qa, n_tokens)]
+        rows.append((S.render(desc), seqs, S.patch_targets(desc), S.scene_targets(desc)))
+    seqs = [(j, seq) for j, r in enumerate(rows) for seq in r[1]]
+    length = max(len(seq[0]) for _, seq in seqs)
     pad = tokenizer.pad_token_id
     batch = {
-        "input_ids": torch.tensor([r[1] + [pad] * (length - len(r[1])) for r in rows]),
-        "attention_mask": torch.tensor([[1] * len(r[1]) + [0] * (length - len(r[1])) for r in rows]),
-        "labels": torch.tensor([r[2] + [-100] * (length - len(r[2])) for r in rows]),
-        "answer_type": torch.tensor([r[3] + [-1] * (length - len(r[3])) for r in rows]),
+        "input_ids": torch.tensor([s[0] + [pad] * (length - len(s[0])) for _, s in seqs]),
+        "attention_mask": torch.tensor([[1] * len(s[0]) + [0] * (length - len(s[0])) for _, s in seqs]),
+        "labels": torch.tensor([s[1] + [-100] * (length - len(s[1])) for _, s in seqs]),
+        "answer_type": torch.tensor([s[2] + [-1] * (length - len(s[2])) for _, s in seqs]),
+        "scene_index": torch.tensor([j for j, _ in seqs]),
         "pixel_values": torch.stack([pixel_values(r[0]) for r in rows]),
     }
     for key in S.PATCH_CLASSES:
-        batch[f"patch_{key}"] = torch.from_numpy(np.stack([r[4][key] for r in rows]))
+        batch[f"patch_{key}"] = torch.from_numpy(np.stack([r[2][key] for r in rows]))
     for key in ("present", "shape_count", "digit"):
-        batch[f"scene_{key}"] = torch.from_numpy(np.stack([np.asarray(r[5][key]) for r in rows]))
+        batch[f"scene_{key}"] = torch.from_numpy(np.stack([np.asarray(r[3][key]) for r in rows]))
     return batch
+
+
+def forward_answers(model, taps, batch):
+    """Logits of every sequence of ``batch``; each picture goes through the vision tower once, also when several
+    sequences (question-first layout) share it (``batch["scene_index"]``: the picture of each sequence)."""
+    model.model.get_image_features(pixel_values=batch["pixel_values"])
+    features = taps.projected[batch["scene_index"]]
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    mask = (batch["input_ids"] == model.config.image_token_id)[..., None]
+    embeds = embeds.masked_scatter(mask, features.to(embeds.dtype))
+    return model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -302,6 +323,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--align-weight", type=float, default=0.0,
                    help="with --init: weight of the loss keeping projected image tokens on the symbolic tokens "
                         "the LM was pre-trained on (relative MSE)")
+    p.add_argument("--question-first", action="store_true",
+                   help="one question per sequence, before the image tokens (QUESTION_FIRST_TEMPLATE); "
+                        "--qa-min/--qa-max then count sequences per picture. With --init, taken from that folder")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--eval-every", type=int, default=1000, help="0: no held-out evaluation during training")
@@ -358,6 +382,18 @@ def _save_checkpoint(out: Path, model, aux, opt, step: int, args, flags, history
     save(model, processor, out / "model")
 
 
+def _init_layout(folder: Path) -> bool:
+    """Whether the ``connect`` folder's processor puts the question before the picture."""
+    from transformers import AutoProcessor
+
+    from .model import QUESTION_FIRST_TEMPLATE
+
+    if not (folder / "model" / "config.json").is_file():
+        return False  # _load_init says what is missing
+    processor = AutoProcessor.from_pretrained(str(folder / "model"), local_files_only=True)
+    return processor.chat_template == QUESTION_FIRST_TEMPLATE
+
+
 def _load_init(folder: Path, model, aux) -> nn.Module | None:
     """Weights from a ``pretrain connect`` folder; returns its symbolic-token module (or ``None``)."""
     from .model import load
@@ -398,7 +434,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
-    model, processor = build_model(args.preset, args.text, seed=args.seed)
+    if args.init:
+        args.question_first = _init_layout(Path(args.init))
+    model, processor = build_model(args.preset, args.text, seed=args.seed, question_first=args.question_first)
     aux = AuxHeads(model.config.vision_config.hidden_size)
     vision_params = list(model.model.vision_tower.parameters()) + list(aux.parameters())
     vision_ids = {id(p) for p in model.model.vision_tower.parameters()}
@@ -449,13 +487,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if step >= freeze_at and not flags["stage2_scaled"]:
             model.model.vision_tower.requires_grad_(False)
             with torch.no_grad():
-                model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")})
+                model.model.get_image_features(pixel_values=batch["pixel_values"])
             factor = rescale_projector(model, taps.projected, args.scale_target)
             flags["stage2_scaled"] = True
             _log(log_path, {"kind": "event", "event": "freeze_vision", "step": step, "projector_factor": factor})
         if not flags["projector_scaled"]:
             with torch.no_grad():
-                model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")})
+                model.model.get_image_features(pixel_values=batch["pixel_values"])
             factor = rescale_projector(model, taps.projected, args.scale_target)
             flags["projector_scaled"] = True
             _log(log_path, {"kind": "event", "event": "projector_scaled", "step": step, "factor": factor})
@@ -467,9 +505,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         opt.param_groups[1]["lr"] = args.lr_lm * f_lm
 
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"):
-            outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            pixel_values=batch["pixel_values"])
-            logits = outputs.logits[:, :-1].float()
+            logits = forward_answers(model, taps, batch)[:, :-1].float()
             labels = batch["labels"][:, 1:]
             answer_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
             last_hidden, pooled = taps.vision
