@@ -240,7 +240,7 @@ def test_referents_name_the_patches_each_question_is_about():
                          "cx": 161, "cy": 161}]}
     t = S.patch_targets(desc)
     red_square, blue_circle = t["colour"] == S.COLOUR_IDS["red"], t["colour"] == S.COLOUR_IDS["blue"]
-    ask = lambda qtype, q: P.referents(t, {"type": qtype, "question": q})  # noqa: E731
+    ask = lambda qtype, q: S.referents(t, {"type": qtype, "question": q})  # noqa: E731
     assert np.array_equal(ask("exists", "is there a red square ?") == 1, red_square)
     assert not ask("exists", "is there a red circle ?").any()  # hard negative: colour and shape apart
     assert np.array_equal(ask("colour", "what colour is the circle ?") == 1, blue_circle)
@@ -258,6 +258,19 @@ def test_match_probe_trains_on_question_first_sequences(tmp_path):
     P.main(["lm", "--out", str(tmp_path / "lm"), "--steps", "2", "--bg-ramp", "0.5", *common])
     records = [json.loads(line) for line in (tmp_path / "lm" / "train.log").read_text().splitlines()]
     assert all("match_loss" in r for r in records if r["kind"] == "train")
+    P.main(["vision", "--out", str(tmp_path / "vision"), "--steps", "1", *common[:-4]])
+    P.main(["connect", "--out", str(tmp_path / "c"), "--steps", "1", "--lm", str(tmp_path / "lm"),
+            "--vision", str(tmp_path / "vision"), *common[:-5]])
+    assert (tmp_path / "c" / "match.pt").is_file()
+    joint = ["--out", str(tmp_path / "j"), "--init", str(tmp_path / "c"), "--preset", "tiny", "--schedule", "joint",
+             "--batch", "2", "--qa-min", "2", "--qa-max", "2", "--eval-every", "0", "--threads", "1",
+             "--match-weight", "1", "--log-every", "1"]
+    T.main(["--steps", "1", *joint])
+    T.main(["--steps", "2", "--resume", *joint])
+    records = [json.loads(line) for line in (tmp_path / "j" / "train.log").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]
+    assert all("match_recall" in r for r in records if r["kind"] == "train")
+    assert torch.load(tmp_path / "j" / "checkpoint.pt", weights_only=False)["match"] is not None
     with pytest.raises(SystemExit):  # image tokens precede the question: nothing to match against
         P.parse_args(["lm", "--out", "x", "--steps", "1", "--match-weight", "1"])
     with pytest.raises(SystemExit, match="match-layer"):

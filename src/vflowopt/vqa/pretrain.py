@@ -88,28 +88,6 @@ def corrupt(targets: dict[str, torch.Tensor], p: float, generator: torch.Generat
 # ----------------------------------------------------------------------------------------------------------
 
 
-def referents(targets: dict[str, np.ndarray], item: dict[str, str]) -> np.ndarray:
-    """Per patch: 1 on the object(s) the question is about, 2 on the second object of a position question,
-    0 elsewhere. The target of the ``--match-weight`` probe (question-first only)."""
-    words = item["question"].split()
-    colours = [S.COLOUR_IDS[w] for w in words if w in S.COLOUR_IDS]
-    shapes = [S.SHAPE_IDS[w] for w in words if w in S.SHAPE_IDS]
-    out = np.zeros_like(targets["colour"])
-    if item["type"] == "digit":
-        out[targets["digit"] > 0] = 1
-        return out
-    pairs = list(zip(colours, shapes)) if item["type"] in ("exists", "position") else [
-        (colours[0] if colours else None, shapes[0] if shapes else None)]
-    for k, (colour, shape) in enumerate(pairs[:2]):
-        hit = np.ones_like(out, dtype=bool)
-        if colour is not None:
-            hit &= targets["colour"] == colour
-        if shape is not None:
-            hit &= targets["shape"] == shape
-        out[hit] = k + 1
-    return out
-
-
 def scene_config(args, step: int) -> S.SceneConfig:
     return S.SceneConfig.easy() if step < args.curriculum_frac * args.steps else S.SceneConfig()
 
@@ -124,7 +102,7 @@ def lm_batch(tokenizer, args, step: int, weights) -> dict[str, torch.Tensor]:
         if args.question_first:  # one row per question, the scene repeated
             for item in qa:
                 rows.append((*encode_qa(tokenizer, [item], N_TOKENS, question_first=True),
-                             {**targets, "referent": referents(targets, item)}))
+                             {**targets, "referent": S.referents(targets, item)}))
         else:
             rows.append((*encode_qa(tokenizer, qa, N_TOKENS), targets))
     length = max(len(r[0]) for r in rows)
@@ -379,6 +357,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         save(model, processor, out / "model")
         torch.save(vis_state["parts"]["aux"], out / "aux.pt")
         torch.save(symbolic.state_dict(), out / "symbolic.pt")
+        if lm_state["args"].get("match_weight", 0) > 0:  # the match probe, for joint fine-tuning
+            torch.save({"state": lm_state["parts"]["match"], "layer": lm_state["args"]["match_layer"]},
+                       out / "match.pt")
     _log(log_path, {"kind": "event", "event": "end", "step": step, "elapsed_s": time.time() - t0})
     return {"step": step}
 

@@ -48,6 +48,7 @@ __all__ = [
     "make_sample",
     "patch_targets",
     "question_of_type",
+    "referents",
     "render",
     "sample_scene",
     "vocabulary",
@@ -320,6 +321,28 @@ def patch_targets(desc: dict[str, Any], patch: int = 14, min_cover: float = 0.2)
     for j, digit in enumerate(desc["digits"]):
         cover = (blocks == -(j + 1)).sum(axis=1)
         out["digit"][cover >= need] = digit["value"] + 1
+    return out
+
+
+def referents(targets: dict[str, np.ndarray], item: dict[str, str]) -> np.ndarray:
+    """Per patch: 1 on the object(s) the question is about, 2 on the second object of a position question,
+    0 elsewhere. The target of the ``--match-weight`` probe (question-first only)."""
+    words = item["question"].split()
+    colours = [COLOUR_IDS[w] for w in words if w in COLOUR_IDS]
+    shapes = [SHAPE_IDS[w] for w in words if w in SHAPE_IDS]
+    out = np.zeros_like(targets["colour"])
+    if item["type"] == "digit":
+        out[targets["digit"] > 0] = 1
+        return out
+    pairs = list(zip(colours, shapes)) if item["type"] in ("exists", "position") else [
+        (colours[0] if colours else None, shapes[0] if shapes else None)]
+    for k, (colour, shape) in enumerate(pairs[:2]):
+        hit = np.ones_like(out, dtype=bool)
+        if colour is not None:
+            hit &= targets["colour"] == colour
+        if shape is not None:
+            hit &= targets["shape"] == shape
+        out[hit] = k + 1
     return out
 
 

@@ -149,11 +149,13 @@ def make_batch(tokenizer, args, step: int, weights=None) -> dict[str, torch.Tens
         desc = S.sample_scene(rng, scene_config_for(args, step, index))
         n_q = int(rng.integers(args.qa_min, args.qa_max + 1))
         qa = S.make_questions(desc, rng, n_q, S.QUESTION_TYPES, weights)
+        targets = S.patch_targets(desc)
         if getattr(args, "question_first", False):  # one sequence per question; the picture is encoded once
-            seqs = [encode_qa(tokenizer, [item], n_tokens, question_first=True) for item in qa]
+            seqs = [(*encode_qa(tokenizer, [item], n_tokens, question_first=True), S.referents(targets, item))
+                    for item in qa]
         else:
-            seqs = [encode_qa(tokenizer, qa, n_tokens)]
-        rows.append((S.render(desc), seqs, S.patch_targets(desc), S.scene_targets(desc)))
+            seqs = [(*encode_qa(tokenizer, qa, n_tokens), None)]
+        rows.append((S.render(desc), seqs, targets, S.scene_targets(desc)))
     seqs = [(j, seq) for j, r in enumerate(rows) for seq in r[1]]
     length = max(len(seq[0]) for _, seq in seqs)
     pad = tokenizer.pad_token_id
@@ -165,6 +167,8 @@ def make_batch(tokenizer, args, step: int, weights=None) -> dict[str, torch.Tens
         "scene_index": torch.tensor([j for j, _ in seqs]),
         "pixel_values": torch.stack([pixel_values(r[0]) for r in rows]),
     }
+    if seqs[0][1][3] is not None:  # (sequences, 256): what each question is about, for the match probe
+        batch["referent"] = torch.from_numpy(np.stack([s[3] for _, s in seqs]))
     for key in S.PATCH_CLASSES:
         batch[f"patch_{key}"] = torch.from_numpy(np.stack([r[2][key] for r in rows]))
     for key in ("present", "shape_count", "digit"):
@@ -172,15 +176,21 @@ def make_batch(tokenizer, args, step: int, weights=None) -> dict[str, torch.Tens
     return batch
 
 
-def forward_answers(model, taps, batch):
+def forward_answers(model, taps, batch, tap_layer: int | None = None):
     """Logits of every sequence of ``batch``; each picture goes through the vision tower once, also when several
-    sequences (question-first layout) share it (``batch["scene_index"]``: the picture of each sequence)."""
+    sequences (question-first layout) share it (``batch["scene_index"]``: the picture of each sequence). With
+    ``tap_layer``, also the LM hidden states of the image positions after that many layers ``(seq, 256, dim)``."""
     model.model.get_image_features(pixel_values=batch["pixel_values"])
     features = taps.projected[batch["scene_index"]]
     embeds = model.get_input_embeddings()(batch["input_ids"])
-    mask = (batch["input_ids"] == model.config.image_token_id)[..., None]
-    embeds = embeds.masked_scatter(mask, features.to(embeds.dtype))
-    return model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+    mask = batch["input_ids"] == model.config.image_token_id
+    embeds = embeds.masked_scatter(mask[..., None], features.to(embeds.dtype))
+    out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                output_hidden_states=tap_layer is not None)
+    if tap_layer is None:
+        return out.logits
+    hidden = out.hidden_states[tap_layer]
+    return out.logits, hidden[mask].view(hidden.shape[0], -1, hidden.shape[-1])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -326,6 +336,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--question-first", action="store_true",
                    help="one question per sequence, before the image tokens (QUESTION_FIRST_TEMPLATE); "
                         "--qa-min/--qa-max then count sequences per picture. With --init, taken from that folder")
+    p.add_argument("--match-weight", type=float, default=0.0,
+                   help="with --init from a pretrain run that trained the match probe (match.pt): weight of that "
+                        "probe's loss during fine-tuning (0: off)")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--eval-every", type=int, default=1000, help="0: no held-out evaluation during training")
@@ -365,11 +378,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_checkpoint(out: Path, model, aux, opt, step: int, args, flags, history, processor) -> None:
+def _save_checkpoint(out: Path, model, aux, opt, step: int, args, flags, history, processor, match=None) -> None:
     state = {
         "step": step,
         "model": model.state_dict(),
         "aux": aux.state_dict(),
+        "match": None if match is None else match.state_dict(),
         "optimizer": opt.state_dict(),
         "rng": _rng_state(),
         "args": vars(args),
@@ -440,7 +454,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     aux = AuxHeads(model.config.vision_config.hidden_size)
     vision_params = list(model.model.vision_tower.parameters()) + list(aux.parameters())
     vision_ids = {id(p) for p in model.model.vision_tower.parameters()}
+    match, match_layer = None, 0
+    if args.init and (Path(args.init) / "match.pt").is_file():  # the LM stage's match probe
+        saved = torch.load(Path(args.init) / "match.pt", map_location="cpu")
+        match, match_layer = nn.Linear(model.config.text_config.hidden_size, 3), int(saved["layer"])
+        match.load_state_dict(saved["state"])
     lm_params = [p for p in model.parameters() if id(p) not in vision_ids]
+    if match is not None:
+        lm_params += list(match.parameters())
     opt = torch.optim.AdamW(
         [{"params": vision_params, "lr": args.lr_vision}, {"params": lm_params, "lr": args.lr_lm}],
         weight_decay=args.weight_decay, betas=(0.9, 0.98),
@@ -455,6 +476,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         aux.load_state_dict(ckpt["aux"])
+        if match is not None and ckpt.get("match") is not None:
+            match.load_state_dict(ckpt["match"])
         opt.load_state_dict(ckpt["optimizer"])
         _set_rng_state(ckpt["rng"])
         flags, history, start = ckpt["flags"], ckpt["history"], ckpt["step"]
@@ -464,6 +487,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                         "device": str(device), "time": time.time()})
     model.to(device).train()
     aux.to(device).train()
+    if match is not None:
+        match.to(device).train()
     if symbolic is not None:
         symbolic.to(device)
     for state in opt.state.values():
@@ -505,7 +530,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         opt.param_groups[1]["lr"] = args.lr_lm * f_lm
 
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"):
-            logits = forward_answers(model, taps, batch)[:, :-1].float()
+            tap = match_layer if match is not None and args.match_weight > 0 else None
+            logits = forward_answers(model, taps, batch, tap)
+            if tap is not None:
+                logits, image_hidden = logits
+            logits = logits[:, :-1].float()
             labels = batch["labels"][:, 1:]
             answer_loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
             last_hidden, pooled = taps.vision
@@ -520,6 +549,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 align = F.mse_loss(taps.projected.float(), target) / target.pow(2).mean()
                 loss = loss + args.align_weight * align
                 logs["align_rel_mse"] = float(align.detach())
+            if tap is not None:  # keep the LM's image tokens naming what the question is about
+                match_logits = match(image_hidden.float()).flatten(0, 1)
+                match_loss = F.cross_entropy(match_logits, batch["referent"].flatten())
+                loss = loss + args.match_weight * match_loss
+                hit = batch["referent"].flatten() > 0
+                logs["match_loss"] = float(match_loss.detach())
+                logs["match_recall"] = float((match_logits.argmax(-1)[hit] == batch["referent"].flatten()[hit])
+                                             .float().mean())
             if step < freeze_at:
                 loss = loss + args.patch_weight * aux_patch + args.cls_weight * aux_cls
         opt.zero_grad(set_to_none=True)
@@ -568,9 +605,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             _log(log_path, {"kind": "eval", "step": step, "split": "val", **result})
             history.append({"step": step, "val_accuracy": result["accuracy"], "val_per_type": result["per_type"]})
         if step % args.save_every == 0 or step == args.steps:
-            _save_checkpoint(out, model, aux, opt, step, args, flags, history, processor)
+            _save_checkpoint(out, model, aux, opt, step, args, flags, history, processor, match)
         elif args.max_minutes and time.time() - t0 > args.max_minutes * 60:
-            _save_checkpoint(out, model, aux, opt, step, args, flags, history, processor)
+            _save_checkpoint(out, model, aux, opt, step, args, flags, history, processor, match)
             _log(log_path, {"kind": "event", "event": "time_limit", "step": step, "elapsed_s": time.time() - t0})
             break
     taps.remove()
