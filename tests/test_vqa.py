@@ -230,6 +230,25 @@ def test_decoupled_pretraining_connects_and_fine_tunes(tmp_path, question_first)
     assert (processor.chat_template == M.QUESTION_FIRST_TEMPLATE) is question_first
 
 
+def test_symbolic_tokens_can_carry_the_word_embeddings_of_their_classes():
+    from vflowopt.vqa import pretrain as P
+
+    tokenizer = M.build_tokenizer()
+    words = torch.nn.Embedding(len(tokenizer), 8)
+    sym = P.SymbolicTokens(8, word_ids=P.class_word_ids(tokenizer))
+    targets = {k: torch.zeros(1, 256, dtype=torch.long) for k in S.PATCH_CLASSES}
+    targets["colour"][0, 5] = S.COLOUR_IDS["red"]
+    plain = P.SymbolicTokens(8)
+    plain.load_state_dict({k: v for k, v in sym.state_dict().items() if not k.startswith("word_ids")})
+    delta = sym(targets, words) - plain(targets)
+    assert torch.allclose(delta[0, 5], words.weight[tokenizer.convert_tokens_to_ids("red")])
+    assert delta[0, 6].abs().max() == 0  # class "none" adds no word
+    with pytest.raises(ValueError, match="words="):
+        sym(targets)
+    rebuilt = P.symbolic_from_state(sym.state_dict(), 8)
+    assert torch.equal(rebuilt(targets, words), sym(targets, words))
+
+
 def test_referents_name_the_patches_each_question_is_about():
     from vflowopt.vqa import pretrain as P
 
@@ -255,7 +274,7 @@ def test_match_probe_trains_on_question_first_sequences(tmp_path):
 
     common = ["--preset", "tiny", "--batch", "2", "--qa-min", "2", "--qa-max", "2", "--log-every", "1",
               "--threads", "1", "--warmup", "1", "--question-first", "--match-weight", "1", "--match-layer", "1"]
-    P.main(["lm", "--out", str(tmp_path / "lm"), "--steps", "2", "--bg-ramp", "0.5", *common])
+    P.main(["lm", "--out", str(tmp_path / "lm"), "--steps", "2", "--bg-ramp", "0.5", "--word-tokens", *common])
     records = [json.loads(line) for line in (tmp_path / "lm" / "train.log").read_text().splitlines()]
     assert all("match_loss" in r for r in records if r["kind"] == "train")
     P.main(["vision", "--out", str(tmp_path / "vision"), "--steps", "1", *common[:-4]])

@@ -46,9 +46,17 @@ N_TOKENS = GRID * GRID
 
 
 class SymbolicTokens(nn.Module):
-    """Ideal image tokens: sum of embeddings of each patch's classes and grid position."""
+    """Ideal image tokens: sum of embeddings of each patch's classes and grid position.
 
-    def __init__(self, dim: int, grid: int = GRID):
+    With ``word_ids`` (class -> token id of its word, e.g. colour class "red" -> the id of ``red``), the LM's
+    word embedding of the class name is added to the learned class embedding (``forward(..., words=the LM's
+    input embeddings)``). Why: an image token for a red triangle then already contains the directions of the
+    words ``red`` and ``triangle``, so matching it against the question and copying its colour into the
+    answer start out as near-identity maps instead of having to be discovered (the untied LM sat at chance
+    on colour questions for thousands of steps).
+    """
+
+    def __init__(self, dim: int, grid: int = GRID, word_ids: dict[str, list[int]] | None = None):
         super().__init__()
         self.tables = nn.ModuleDict({key: nn.Embedding(n, dim) for key, n in S.PATCH_CLASSES.items()})
         self.row = nn.Embedding(grid, dim)
@@ -56,14 +64,40 @@ class SymbolicTokens(nn.Module):
         self.grid = grid
         for emb in (*self.tables.values(), self.row, self.col):
             nn.init.normal_(emb.weight, 0.0, 1.0 / math.sqrt(dim * 6))  # sum of 6 at norm ~1
+        self.word_keys = tuple(word_ids or ())
+        for key, ids in (word_ids or {}).items():  # class 0 ("none") has no word: id -1
+            self.register_buffer(f"word_ids_{key}", torch.tensor(ids, dtype=torch.long))
 
-    def forward(self, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, targets: dict[str, torch.Tensor], words: nn.Embedding | None = None) -> torch.Tensor:
         first = next(iter(targets.values()))
         idx = torch.arange(self.grid * self.grid, device=first.device)
         out = self.row(idx // self.grid) + self.col(idx % self.grid)
         for key, table in self.tables.items():
             out = out + table(targets[key])
+        if self.word_keys and words is None:
+            raise ValueError("these symbolic tokens include word embeddings: pass words=the LM's input embeddings")
+        for key in self.word_keys:
+            ids = getattr(self, f"word_ids_{key}")[targets[key]]
+            out = out + words(ids.clamp(min=0)) * (ids >= 0).unsqueeze(-1).to(out.dtype)
         return out
+
+
+def symbolic_from_state(state: dict[str, torch.Tensor], dim: int) -> SymbolicTokens:
+    """A :class:`SymbolicTokens` rebuilt from its ``state_dict`` (with its word ids, if it had any)."""
+    word_ids = {k[len("word_ids_"):]: v.tolist() for k, v in state.items() if k.startswith("word_ids_")}
+    module = SymbolicTokens(dim, word_ids=word_ids or None)
+    module.load_state_dict(state)
+    return module
+
+
+def class_word_ids(tokenizer) -> dict[str, list[int]]:
+    """Per patch class table, the token id of each class's word (-1 for "none")."""
+    vocab = tokenizer.get_vocab()
+    return {
+        "colour": [-1] + [vocab[c] for c in S.COLOURS],
+        "shape": [-1] + [vocab[s] for s in S.SHAPES],
+        "digit": [-1] + [vocab[str(d)] for d in range(10)],
+    }
 
 
 def corrupt(targets: dict[str, torch.Tensor], p: float, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -221,9 +255,10 @@ def _log(path: Path, record: dict[str, Any]) -> None:
           file=sys.stderr, flush=True)
 
 
-def _modules(stage: str, model, dim_vision: int, dim_text: int) -> dict[str, nn.Module]:
+def _modules(stage: str, model, dim_vision: int, dim_text: int, word_ids=None) -> dict[str, nn.Module]:
     if stage == "lm":
-        return {"lm": model.model.language_model, "lm_head": model.lm_head, "symbolic": SymbolicTokens(dim_text),
+        return {"lm": model.model.language_model, "lm_head": model.lm_head,
+                "symbolic": SymbolicTokens(dim_text, word_ids=word_ids),
                 "match": nn.Linear(dim_text, 3)}
     if stage == "vision":
         return {"vision": model.model.vision_tower, "aux": AuxHeads(dim_vision)}
@@ -255,14 +290,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.match_weight > 0 and not 1 <= args.match_layer <= model.config.text_config.num_hidden_layers:
         raise SystemExit(f"--match-layer {args.match_layer}: the LM has layers 1..."
                          f"{model.config.text_config.num_hidden_layers}")
-    parts = _modules(args.stage, model, dim_v, dim_t)
+    word_ids = class_word_ids(processor.tokenizer) if args.word_tokens else None
+    parts = _modules(args.stage, model, dim_v, dim_t, word_ids)
     symbolic = None
     if args.stage == "connect":
         vis_state = torch.load(Path(args.vision) / "stage.pt", map_location="cpu", weights_only=False)
         model.model.language_model.load_state_dict(lm_state["parts"]["lm"])
         model.lm_head.load_state_dict(lm_state["parts"]["lm_head"])
-        symbolic = SymbolicTokens(dim_t)
-        symbolic.load_state_dict(lm_state["parts"]["symbolic"])
+        symbolic = symbolic_from_state(lm_state["parts"]["symbolic"], dim_t)
         model.model.vision_tower.load_state_dict(vis_state["parts"]["vision"])
         model.requires_grad_(False)
         model.model.multi_modal_projector.requires_grad_(True)
@@ -294,7 +329,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.stage == "lm":
             batch = lm_batch(tokenizer, args, step, weights)
             gen.manual_seed(args.seed * 1_000_003 + step)
-            tokens = parts["symbolic"](corrupt(targets_of(batch), args.corrupt, gen))
+            tokens = parts["symbolic"](corrupt(targets_of(batch), args.corrupt, gen), model.get_input_embeddings())
             tokens = tokens + args.noise * tokens.detach().norm(dim=-1, keepdim=True).mean() * torch.randn(
                 tokens.shape, generator=gen) / math.sqrt(tokens.shape[-1])
             keep_prob = min(1.0, step / (args.bg_ramp * args.steps)) if args.bg_ramp > 0 else 1.0
@@ -325,7 +360,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             batch = vision_batch(args, step)
             with torch.no_grad():
                 feats, _ = vision_features(model, batch["pixel_values"])
-                target = symbolic(targets_of(batch))
+                target = symbolic(targets_of(batch), model.get_input_embeddings())
             projected = model.model.multi_modal_projector(feats)
             loss = F.mse_loss(projected, target) / target.pow(2).mean()
             logs = {"rel_mse": float(loss.detach())}
@@ -390,6 +425,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--question-first", action="store_true",
                    help="lm: one question per sequence, placed before the image tokens (the shipped model's "
                         "prompt layout); --qa-min/--qa-max then count sequences per scene")
+    p.add_argument("--word-tokens", action="store_true",
+                   help="lm: symbolic image tokens also carry the LM's word embeddings of their colour, shape and "
+                        "digit names (see SymbolicTokens)")
     p.add_argument("--match-weight", type=float, default=0.0,
                    help="lm, question-first: weight of a probe loss on the image tokens' hidden states after "
                         "--match-layer layers, naming the patches the question is about (0: off)")

@@ -141,8 +141,14 @@ def write_samples(model, processor, out: Path, n: int, seed: int) -> list[dict[s
     return kept
 
 
-def write_card(out: Path, model, result: dict[str, Any], logs, recipe: str, n_samples: int) -> str:
-    from .model import num_parameters
+def prompt_format(processor) -> str:
+    """The processor's chat template rendered for one picture and a placeholder question."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "{question}"}]}]
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def write_card(out: Path, model, result: dict[str, Any], logs, recipe: str, n_samples: int, processor) -> str:
+    from .model import QUESTION_FIRST_TEMPLATE, num_parameters
 
     cfg = model.config
     v, t = cfg.vision_config, cfg.text_config
@@ -150,6 +156,14 @@ def write_card(out: Path, model, result: dict[str, Any], logs, recipe: str, n_sa
     full = result["full"]
     times = _stage_times(logs)
     total_s = sum(s for _, _, s in times)
+    prompt = prompt_format(processor).replace(chr(10), "\\n")
+    question_first_note = (
+        " The question comes *before* the picture, so every image token can attend to it: trained on this layout,"
+        " the small LM marks the image tokens a question is about in its first layers (a training-only probe"
+        " supervised that), which is what made position and count questions learnable in CPU hours. Pruning"
+        " methods see a normal LLaVA prompt; text-guided ones that read only the text *after* the image"
+        " (SparseVLM's raters) find just `ASSISTANT:` there." if processor.chat_template == QUESTION_FIRST_TEMPLATE
+        else "")
     stage_rows = "\n".join(f"| {name} | {steps} | {secs / 60:.1f} |" for name, steps, secs in times)
     card = f"""# vqa-llava: a small LLaVA trained on vflowopt's procedural visual-QA scenes
 
@@ -168,7 +182,8 @@ downloads. It answers one-word questions about the scenes of `vflowopt.vqa.scene
 - Projector: LLaVA's 2-layer MLP.
 - Language model: Qwen2, {t.num_hidden_layers} layers, width {t.hidden_size}, {t.num_attention_heads} heads
   ({t.num_key_value_heads} KV heads), word-level vocabulary of {t.vocab_size} words.
-- Prompt: `<s>USER: <image>\\n{{question}} ASSISTANT:`; the answer is the first generated token.
+- Prompt (the processor's chat template): `{prompt}`, the `<image>`
+  placeholder expanded to the patch tokens; the answer is the first generated token.{question_first_note}
 
 ## Accuracy ({result['n']} questions of the `{result['split']}` split, seed {result['seed']}, types balanced)
 
@@ -237,7 +252,7 @@ def main(argv=None) -> int:
     model, processor = load(out)
     kept = write_samples(model, processor, Path(args.samples), args.n_samples, args.sample_seed)
     result = json.loads(Path(args.eval).read_text(encoding="utf-8"))
-    write_card(out, model, result, logs, Path(args.recipe).read_text(encoding="utf-8"), len(kept))
+    write_card(out, model, result, logs, Path(args.recipe).read_text(encoding="utf-8"), len(kept), processor)
     print(f"wrote {out} and {len(kept)} samples in {args.samples}")
     return 0
 

@@ -411,7 +411,7 @@ def _init_layout(folder: Path) -> bool:
 def _load_init(folder: Path, model, aux) -> nn.Module | None:
     """Weights from a ``pretrain connect`` folder; returns its symbolic-token module (or ``None``)."""
     from .model import load
-    from .pretrain import SymbolicTokens
+    from .pretrain import symbolic_from_state
 
     if not (folder / "model" / "config.json").is_file():
         raise SystemExit(f"--init: no {folder / 'model'} (expected a `python -m vflowopt.vqa.pretrain connect` folder)")
@@ -420,8 +420,8 @@ def _load_init(folder: Path, model, aux) -> nn.Module | None:
         aux.load_state_dict(torch.load(folder / "aux.pt", map_location="cpu"))
     if not (folder / "symbolic.pt").is_file():
         return None
-    symbolic = SymbolicTokens(model.config.text_config.hidden_size)
-    symbolic.load_state_dict(torch.load(folder / "symbolic.pt", map_location="cpu"))
+    symbolic = symbolic_from_state(torch.load(folder / "symbolic.pt", map_location="cpu"),
+                                   model.config.text_config.hidden_size)
     return symbolic.requires_grad_(False)
 
 
@@ -545,7 +545,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             loss = w_ans * answer_loss + args.scale_weight * scale_loss
             if symbolic is not None and args.align_weight:
                 with torch.no_grad():
-                    target = symbolic({k: batch[f"patch_{k}"] for k in S.PATCH_CLASSES})
+                    target = symbolic({k: batch[f"patch_{k}"] for k in S.PATCH_CLASSES}, model.get_input_embeddings())
                 align = F.mse_loss(taps.projected.float(), target) / target.pow(2).mean()
                 loss = loss + args.align_weight * align
                 logs["align_rel_mse"] = float(align.detach())
