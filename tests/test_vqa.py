@@ -274,7 +274,7 @@ def test_match_probe_trains_on_question_first_sequences(tmp_path):
 
     common = ["--preset", "tiny", "--batch", "2", "--qa-min", "2", "--qa-max", "2", "--log-every", "1",
               "--threads", "1", "--warmup", "1", "--question-first", "--match-weight", "1", "--match-layer", "1"]
-    P.main(["lm", "--out", str(tmp_path / "lm"), "--steps", "2", "--bg-ramp", "0.5", "--word-tokens", *common])
+    P.main(["lm", "--out", str(tmp_path / "lm"), "--steps", "2", "--bg-ramp", "0.5", "--word-tokens", "--ordered-positions", *common])
     records = [json.loads(line) for line in (tmp_path / "lm" / "train.log").read_text().splitlines()]
     assert all("match_loss" in r for r in records if r["kind"] == "train")
     P.main(["vision", "--out", str(tmp_path / "vision"), "--steps", "1", *common[:-4]])

@@ -56,7 +56,8 @@ class SymbolicTokens(nn.Module):
     on colour questions for thousands of steps).
     """
 
-    def __init__(self, dim: int, grid: int = GRID, word_ids: dict[str, list[int]] | None = None):
+    def __init__(self, dim: int, grid: int = GRID, word_ids: dict[str, list[int]] | None = None,
+                 ordered: bool = False):
         super().__init__()
         self.tables = nn.ModuleDict({key: nn.Embedding(n, dim) for key, n in S.PATCH_CLASSES.items()})
         self.row = nn.Embedding(grid, dim)
@@ -64,6 +65,13 @@ class SymbolicTokens(nn.Module):
         self.grid = grid
         for emb in (*self.tables.values(), self.row, self.col):
             nn.init.normal_(emb.weight, 0.0, 1.0 / math.sqrt(dim * 6))  # sum of 6 at norm ~1
+        if ordered:  # row / column also start on a linear ramp along two orthogonal directions: comparing two
+            # objects' positions (position questions) is then a difference of projections, not a lookup table
+            ramp = torch.linspace(-0.5, 0.5, grid)
+            axes = torch.linalg.qr(torch.randn(dim, 2)).Q
+            with torch.no_grad():
+                self.row.weight += ramp[:, None] * axes[:, 0]
+                self.col.weight += ramp[:, None] * axes[:, 1]
         self.word_keys = tuple(word_ids or ())
         for key, ids in (word_ids or {}).items():  # class 0 ("none") has no word: id -1
             self.register_buffer(f"word_ids_{key}", torch.tensor(ids, dtype=torch.long))
@@ -255,10 +263,11 @@ def _log(path: Path, record: dict[str, Any]) -> None:
           file=sys.stderr, flush=True)
 
 
-def _modules(stage: str, model, dim_vision: int, dim_text: int, word_ids=None) -> dict[str, nn.Module]:
+def _modules(stage: str, model, dim_vision: int, dim_text: int, word_ids=None,
+             ordered: bool = False) -> dict[str, nn.Module]:
     if stage == "lm":
         return {"lm": model.model.language_model, "lm_head": model.lm_head,
-                "symbolic": SymbolicTokens(dim_text, word_ids=word_ids),
+                "symbolic": SymbolicTokens(dim_text, word_ids=word_ids, ordered=ordered),
                 "match": nn.Linear(dim_text, 3)}
     if stage == "vision":
         return {"vision": model.model.vision_tower, "aux": AuxHeads(dim_vision)}
@@ -291,7 +300,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"--match-layer {args.match_layer}: the LM has layers 1..."
                          f"{model.config.text_config.num_hidden_layers}")
     word_ids = class_word_ids(processor.tokenizer) if args.word_tokens else None
-    parts = _modules(args.stage, model, dim_v, dim_t, word_ids)
+    parts = _modules(args.stage, model, dim_v, dim_t, word_ids, args.ordered_positions)
     symbolic = None
     if args.stage == "connect":
         vis_state = torch.load(Path(args.vision) / "stage.pt", map_location="cpu", weights_only=False)
@@ -428,6 +437,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--word-tokens", action="store_true",
                    help="lm: symbolic image tokens also carry the LM's word embeddings of their colour, shape and "
                         "digit names (see SymbolicTokens)")
+    p.add_argument("--ordered-positions", action="store_true",
+                   help="lm: the symbolic row / column embeddings start on a linear ramp (see SymbolicTokens)")
     p.add_argument("--match-weight", type=float, default=0.0,
                    help="lm, question-first: weight of a probe loss on the image tokens' hidden states after "
                         "--match-layer layers, naming the patches the question is about (0: off)")
