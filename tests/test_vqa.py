@@ -247,6 +247,14 @@ def test_symbolic_tokens_can_carry_the_word_embeddings_of_their_classes():
         sym(targets)
     rebuilt = P.symbolic_from_state(sym.state_dict(), 8)
     assert torch.equal(rebuilt(targets, words), sym(targets, words))
+    ids = P.position_word_ids(tokenizer)
+    placed = P.SymbolicTokens(8, word_ids=P.class_word_ids(tokenizer), position_word_ids=ids)
+    placed.load_state_dict(sym.state_dict(), strict=False)
+    left, right, above, below = words.weight[ids]
+    extra = placed(targets, words) - sym(targets, words)
+    assert torch.allclose(extra[0, 0], left + above, atol=1e-6)  # row 0, column 0
+    assert torch.allclose(extra[0, 255], right + below, atol=1e-6)
+    assert torch.equal(P.symbolic_from_state(placed.state_dict(), 8)(targets, words), placed(targets, words))
 
 
 def test_referents_name_the_patches_each_question_is_about():
@@ -275,7 +283,15 @@ def test_match_probe_trains_on_question_first_sequences(tmp_path):
     common = ["--preset", "tiny", "--batch", "2", "--qa-min", "2", "--qa-max", "2", "--log-every", "1",
               "--threads", "1", "--warmup", "1", "--question-first", "--match-weight", "1", "--match-layer", "1"]
     P.main(["lm", "--out", str(tmp_path / "lm"), "--steps", "2", "--bg-ramp", "0.5", "--word-tokens", "--ordered-positions", *common])
+    # a deliberate recipe change on resume: explicit flags override the checkpoint's, the rest is kept
+    P.main(["lm", "--out", str(tmp_path / "lm"), "--steps", "3", "--resume", "--position-words",
+            "--threads", "1", "--log-every", "1"])
     records = [json.loads(line) for line in (tmp_path / "lm" / "train.log").read_text().splitlines()]
+    change = [r for r in records if r.get("event") == "recipe_change"]
+    assert change == [{"kind": "event", "event": "recipe_change", "step": 2, "changed": {"position_words": True}}]
+    state = torch.load(tmp_path / "lm" / "stage.pt", weights_only=False)
+    assert state["args"]["question_first"] and state["args"]["position_words"] and state["step"] == 3
+    assert "position_word_ids" in state["parts"]["symbolic"]
     assert all("match_loss" in r for r in records if r["kind"] == "train")
     P.main(["vision", "--out", str(tmp_path / "vision"), "--steps", "1", *common[:-4]])
     P.main(["connect", "--out", str(tmp_path / "c"), "--steps", "1", "--lm", str(tmp_path / "lm"),

@@ -53,11 +53,14 @@ class SymbolicTokens(nn.Module):
     input embeddings)``). Why: an image token for a red triangle then already contains the directions of the
     words ``red`` and ``triangle``, so matching it against the question and copying its colour into the
     answer start out as near-identity maps instead of having to be discovered (the untied LM sat at chance
-    on colour questions for thousands of steps).
+    on colour questions for thousands of steps). With ``position_word_ids`` (ids of left, right, above,
+    below) each token also carries ``(1 - c/15) left + (c/15) right + (1 - r/15) above + (r/15) below`` for
+    its column ``c`` and row ``r``: comparing two objects' positions becomes a difference of two read-outs
+    in the answer words' own directions.
     """
 
     def __init__(self, dim: int, grid: int = GRID, word_ids: dict[str, list[int]] | None = None,
-                 ordered: bool = False):
+                 ordered: bool = False, position_word_ids: list[int] | None = None):
         super().__init__()
         self.tables = nn.ModuleDict({key: nn.Embedding(n, dim) for key, n in S.PATCH_CLASSES.items()})
         self.row = nn.Embedding(grid, dim)
@@ -72,6 +75,8 @@ class SymbolicTokens(nn.Module):
             with torch.no_grad():
                 self.row.weight += ramp[:, None] * axes[:, 0]
                 self.col.weight += ramp[:, None] * axes[:, 1]
+        if position_word_ids is not None:  # ids of left, right, above, below
+            self.register_buffer("position_word_ids", torch.tensor(position_word_ids, dtype=torch.long))
         self.word_keys = tuple(word_ids or ())
         for key, ids in (word_ids or {}).items():  # class 0 ("none") has no word: id -1
             self.register_buffer(f"word_ids_{key}", torch.tensor(ids, dtype=torch.long))
@@ -87,15 +92,26 @@ class SymbolicTokens(nn.Module):
         for key in self.word_keys:
             ids = getattr(self, f"word_ids_{key}")[targets[key]]
             out = out + words(ids.clamp(min=0)) * (ids >= 0).unsqueeze(-1).to(out.dtype)
+        if hasattr(self, "position_word_ids"):  # column c: (1 - c/15) "left" + (c/15) "right"; rows likewise
+            left, right, above, below = words(self.position_word_ids).unbind(0)
+            t = (idx % self.grid).to(out.dtype)[:, None] / (self.grid - 1)
+            u = (idx // self.grid).to(out.dtype)[:, None] / (self.grid - 1)
+            out = out + (1 - t) * left + t * right + (1 - u) * above + u * below
         return out
 
 
 def symbolic_from_state(state: dict[str, torch.Tensor], dim: int) -> SymbolicTokens:
     """A :class:`SymbolicTokens` rebuilt from its ``state_dict`` (with its word ids, if it had any)."""
     word_ids = {k[len("word_ids_"):]: v.tolist() for k, v in state.items() if k.startswith("word_ids_")}
-    module = SymbolicTokens(dim, word_ids=word_ids or None)
+    position = state["position_word_ids"].tolist() if "position_word_ids" in state else None
+    module = SymbolicTokens(dim, word_ids=word_ids or None, position_word_ids=position)
     module.load_state_dict(state)
     return module
+
+
+def position_word_ids(tokenizer) -> list[int]:
+    vocab = tokenizer.get_vocab()
+    return [vocab[w] for w in ("left", "right", "above", "below")]
 
 
 def class_word_ids(tokenizer) -> dict[str, list[int]]:
@@ -263,11 +279,12 @@ def _log(path: Path, record: dict[str, Any]) -> None:
           file=sys.stderr, flush=True)
 
 
-def _modules(stage: str, model, dim_vision: int, dim_text: int, word_ids=None,
-             ordered: bool = False) -> dict[str, nn.Module]:
+def _modules(stage: str, model, dim_vision: int, dim_text: int, word_ids=None, ordered: bool = False,
+             position_ids=None) -> dict[str, nn.Module]:
     if stage == "lm":
         return {"lm": model.model.language_model, "lm_head": model.lm_head,
-                "symbolic": SymbolicTokens(dim_text, word_ids=word_ids, ordered=ordered),
+                "symbolic": SymbolicTokens(dim_text, word_ids=word_ids, ordered=ordered,
+                                           position_word_ids=position_ids),
                 "match": nn.Linear(dim_text, 3)}
     if stage == "vision":
         return {"vision": model.model.vision_tower, "aux": AuxHeads(dim_vision)}
@@ -287,8 +304,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ckpt = None
     if args.resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        for key, value in ckpt["args"].items():  # the recipe comes from the checkpoint; run control from now
-            if key not in RESUME_KEEP:
+        # the recipe comes from the checkpoint, run control from now; recipe flags given explicitly on the
+        # command line are deliberate changes at this step (logged as a "recipe_change" event)
+        explicit = set(getattr(args, "explicit", []))
+        changed = {k: getattr(args, k) for k, v in ckpt["args"].items()
+                   if k in explicit and k not in RESUME_KEEP and getattr(args, k) != v}
+        for key, value in ckpt["args"].items():
+            if key not in RESUME_KEEP and key not in changed and key != "explicit" and hasattr(args, key):
                 setattr(args, key, value)
     lm_state = None
     if args.stage == "connect":  # the LM's prompt layout decides the saved processor's chat template
@@ -300,7 +322,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"--match-layer {args.match_layer}: the LM has layers 1..."
                          f"{model.config.text_config.num_hidden_layers}")
     word_ids = class_word_ids(processor.tokenizer) if args.word_tokens else None
-    parts = _modules(args.stage, model, dim_v, dim_t, word_ids, args.ordered_positions)
+    pos_ids = position_word_ids(processor.tokenizer) if args.position_words else None
+    parts = _modules(args.stage, model, dim_v, dim_t, word_ids, args.ordered_positions, pos_ids)
     symbolic = None
     if args.stage == "connect":
         vis_state = torch.load(Path(args.vision) / "stage.pt", map_location="cpu", weights_only=False)
@@ -316,12 +339,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     start = 0
     if ckpt is not None:
         for key, module in parts.items():
-            if key in ckpt["parts"]:  # runs from before the match probe existed have none
-                module.load_state_dict(ckpt["parts"][key])
+            if key not in ckpt["parts"]:  # runs from before the match probe existed have none
+                continue
+            missing, unexpected = module.load_state_dict(ckpt["parts"][key], strict=False)
+            if unexpected or any(not m.startswith(("word_ids_", "position_word_ids")) for m in missing):
+                raise SystemExit(f"--resume: {key} does not match the checkpoint (missing {missing}, "
+                                 f"unexpected {unexpected})")
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"])
         start = ckpt["step"]
         _log(log_path, {"kind": "event", "event": "resume", "step": start})
+        if changed:
+            _log(log_path, {"kind": "event", "event": "recipe_change", "step": start, "changed": changed})
     else:
         _log(log_path, {"kind": "event", "event": "start", "args": vars(args)})
     gen = torch.Generator().manual_seed(args.seed)
@@ -437,6 +466,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--word-tokens", action="store_true",
                    help="lm: symbolic image tokens also carry the LM's word embeddings of their colour, shape and "
                         "digit names (see SymbolicTokens)")
+    p.add_argument("--position-words", action="store_true",
+                   help="lm: symbolic image tokens also carry a column ramp between the word embeddings of 'left' "
+                        "and 'right' and a row ramp between 'above' and 'below' (see SymbolicTokens)")
     p.add_argument("--ordered-positions", action="store_true",
                    help="lm: the symbolic row / column embeddings start on a linear ramp (see SymbolicTokens)")
     p.add_argument("--match-weight", type=float, default=0.0,
@@ -451,6 +483,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--max-minutes", type=float, default=0.0)
     args = p.parse_args(argv)
+    given = sys.argv[1:] if argv is None else list(argv)
+    args.explicit = sorted({a.dest for a in p._actions
+                            if any(tok == o or tok.startswith(o + "=") for o in a.option_strings for tok in given)})
     if args.stage == "connect" and not (args.lm and args.vision):
         p.error("connect needs --lm DIR and --vision DIR")
     if args.match_weight > 0 and not args.question_first:
