@@ -307,8 +307,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # the recipe comes from the checkpoint, run control from now; recipe flags given explicitly on the
         # command line are deliberate changes at this step (logged as a "recipe_change" event)
         explicit = set(getattr(args, "explicit", []))
-        changed = {k: getattr(args, k) for k, v in ckpt["args"].items()
-                   if k in explicit and k not in RESUME_KEEP and getattr(args, k) != v}
+        changed = {k: getattr(args, k) for k in sorted(explicit)
+                   if k not in RESUME_KEEP and (k not in ckpt["args"] or ckpt["args"][k] != getattr(args, k))}
         for key, value in ckpt["args"].items():
             if key not in RESUME_KEEP and key not in changed and key != "explicit" and hasattr(args, key):
                 setattr(args, key, value)
