@@ -14,9 +14,16 @@ steps (``../shared/reference/tiny-training.md``). Here each half learns on a che
              was trained on, and the three parts are saved as one stock LLaVA folder for
              ``python -m vflowopt.vqa.train --init DIR`` (joint fine-tuning on real pictures).
 
+Options of ``lm`` that the shipped model uses (off by default; ``docs/vqa.md`` has the measurements):
+``--question-first`` (one question per sequence, before the image tokens, so every image token can attend
+to it), ``--match-weight`` (a probe on the image tokens' hidden states names the patches the question is
+about: dense supervision inside the LM), ``--word-tokens`` / ``--position-words`` (symbolic tokens carry the
+LM's own word embeddings of their class names and of left/right/above/below).
+
 ``lm`` and ``vision`` are independent and can run side by side (one thread each on a 2-core machine).
 Each writes ``OUT/stage.pt`` (weights, optimizer, step, RNG, args) every ``--save-every`` steps, resumes with
-``--resume``, and logs JSON lines to ``OUT/train.log``. Batches are pure functions of ``(seed, step)``.
+``--resume`` (recipe from the checkpoint; recipe flags given explicitly are logged changes), and logs JSON
+lines to ``OUT/train.log``. Batches are pure functions of ``(seed, step)``.
 """
 
 from __future__ import annotations
