@@ -51,7 +51,8 @@ def plot_curves(logs: dict[str, list[dict[str, Any]]], out: Path) -> None:
               if any(r.get("kind") == "train" and _acc_keys(r) for r in recs)]
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 3.6), squeeze=False)
     for ax, (name, recs) in zip(axes[0], panels):
-        train = [r for r in recs if r.get("kind") == "train"]
+        # a resumed run re-logs the steps after its checkpoint: the later record of a step is the one kept
+        train = sorted({r["step"]: r for r in recs if r.get("kind") == "train"}.values(), key=lambda r: r["step"])
         keys = sorted({k for r in train for k in _acc_keys(r)})
         for key in keys:
             pts = [(r["step"], r[key]) for r in train if key in r]
