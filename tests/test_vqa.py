@@ -258,7 +258,6 @@ def test_symbolic_tokens_can_carry_the_word_embeddings_of_their_classes():
 
 
 def test_referents_name_the_patches_each_question_is_about():
-    from vflowopt.vqa import pretrain as P
 
     desc = {"width": 224, "height": 224, "background": {"kind": "noise", "seed": 1, "level": 0.0}, "digits": [],
             "objects": [{"shape": "square", "colour": "red", "size": "large", "bbox": [14, 14, 56, 56], "cx": 35,
@@ -282,7 +281,8 @@ def test_match_probe_trains_on_question_first_sequences(tmp_path):
 
     common = ["--preset", "tiny", "--batch", "2", "--qa-min", "2", "--qa-max", "2", "--log-every", "1",
               "--threads", "1", "--warmup", "1", "--question-first", "--match-weight", "1", "--match-layer", "1"]
-    P.main(["lm", "--out", str(tmp_path / "lm"), "--steps", "2", "--bg-ramp", "0.5", "--word-tokens", "--ordered-positions", *common])
+    P.main(["lm", "--out", str(tmp_path / "lm"), "--steps", "2", "--bg-ramp", "0.5", "--word-tokens",
+            "--ordered-positions", *common])
     # a deliberate recipe change on resume: explicit flags override the checkpoint's, the rest is kept
     P.main(["lm", "--out", str(tmp_path / "lm"), "--steps", "3", "--resume", "--position-words",
             "--threads", "1", "--log-every", "1"])
@@ -300,14 +300,17 @@ def test_match_probe_trains_on_question_first_sequences(tmp_path):
     joint = ["--out", str(tmp_path / "j"), "--init", str(tmp_path / "c"), "--preset", "tiny", "--schedule", "joint",
              "--batch", "2", "--qa-min", "2", "--qa-max", "2", "--eval-every", "0", "--threads", "1",
              "--match-weight", "1", "--log-every", "1"]
+    with pytest.raises(SystemExit, match="match.pt"):  # a connect folder without a probe: refused, not ignored
+        T.main(["--steps", "1", "--out", str(tmp_path / "j0"), "--preset", "tiny", "--match-weight", "1",
+                "--eval-every", "0"])
     T.main(["--steps", "1", *joint])
     T.main(["--steps", "2", "--resume", *joint])
     records = [json.loads(line) for line in (tmp_path / "j" / "train.log").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]
     assert all("match_recall" in r for r in records if r["kind"] == "train")
     assert torch.load(tmp_path / "j" / "checkpoint.pt", weights_only=False)["match"] is not None
-    with pytest.raises(SystemExit):  # image tokens precede the question: nothing to match against
-        P.parse_args(["lm", "--out", "x", "--steps", "1", "--match-weight", "1"])
+    with pytest.raises(SystemExit, match="question-first"):  # image tokens precede the question
+        P.main(["lm", "--out", str(tmp_path / "nq"), "--steps", "1", "--preset", "tiny", "--match-weight", "1"])
     with pytest.raises(SystemExit, match="match-layer"):
         P.main(["lm", "--out", str(tmp_path / "bad"), "--steps", "1", *common[:-1], "5"])
 

@@ -35,8 +35,8 @@ from ..tiny import LLAVA_CHAT_TEMPLATE
 from .scenes import vocabulary
 
 __all__ = [
-    "PRESETS", "QUESTION_FIRST_TEMPLATE", "SPECIAL_TOKENS", "build_model", "build_processor", "build_tokenizer", "load", "save",
-    "shipped_model_path",
+    "PRESETS", "QUESTION_FIRST_TEMPLATE", "SPECIAL_TOKENS", "build_model", "build_processor", "build_tokenizer",
+    "load", "save", "shipped_model_path",
 ]
 
 #: LLaVA-1.5 words, but the text items come before the image items.

@@ -45,7 +45,7 @@ from torch import nn
 
 from . import scenes as S
 from .model import build_model, save
-from .train import DEFAULT_TYPE_WEIGHTS, AuxHeads, encode_qa, parse_type_weights, pixel_values, warm_cosine
+from .train import DEFAULT_TYPE_WEIGHTS, AuxHeads, encode_qa, match_stats, parse_type_weights, pixel_values, warm_cosine
 
 GRID = 16
 RESUME_KEEP = ("stage", "out", "steps", "resume", "log_every", "save_every", "threads", "max_minutes")
@@ -325,6 +325,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.question_first = bool(lm_state["args"].get("question_first", False))
     model, processor = build_model(args.preset, seed=args.seed, question_first=args.question_first)
     dim_v, dim_t = model.config.vision_config.hidden_size, model.config.text_config.hidden_size
+    if args.match_weight > 0 and not args.question_first:
+        raise SystemExit("--match-weight needs --question-first (image tokens see the question only then)")
     if args.match_weight > 0 and not 1 <= args.match_layer <= model.config.text_config.num_hidden_layers:
         raise SystemExit(f"--match-layer {args.match_layer}: the LM has layers 1..."
                          f"{model.config.text_config.num_hidden_layers}")
@@ -389,12 +391,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             logits = out_lm[0] if tap is not None else out_lm
             loss, logs = answer_stats(logits, batch)
             if tap is not None:  # dense supervision: which image tokens the question is about
-                match_logits = parts["match"](out_lm[1])
-                match_loss = F.cross_entropy(match_logits.float(), batch["referent"])
+                match_loss, match_logs = match_stats(parts["match"](out_lm[1]), batch["referent"])
                 loss = loss + args.match_weight * match_loss
-                hit = batch["referent"] > 0
-                logs["match_loss"] = float(match_loss.detach())
-                logs["match_recall"] = float((match_logits.argmax(-1)[hit] == batch["referent"][hit]).float().mean())
+                logs.update(match_logs)
             logs["background_kept"] = keep_prob
         elif args.stage == "vision":
             batch = vision_batch(args, step)
@@ -495,8 +494,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                             if any(tok == o or tok.startswith(o + "=") for o in a.option_strings for tok in given)})
     if args.stage == "connect" and not (args.lm and args.vision):
         p.error("connect needs --lm DIR and --vision DIR")
-    if args.match_weight > 0 and not args.question_first:
-        p.error("--match-weight needs --question-first (image tokens see the question only then)")
     return args
 
 

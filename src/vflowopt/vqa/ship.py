@@ -160,12 +160,12 @@ def write_card(out: Path, model, result: dict[str, Any], logs, recipe: str, n_sa
     prompt = prompt_format(processor).replace(chr(10), "\\n")
     question_first_note = (
         " The question comes *before* the picture, so every image token can attend to it: trained on this layout,"
-        " the small LM marks the image tokens a question is about in its first layers (a training-only probe"
-        " supervised that); with the word-tied symbolic tokens of the LM stage this is what moved position questions"
-        " off chance within CPU hours (docs/vqa.md). Pruning"
+        " the small LM was trained to mark the image tokens a question is about in its first layers (a"
+        " training-only probe at layer 2); with the word-tied symbolic tokens of the LM stage this is what"
+        " moved position questions off chance within CPU hours (docs/vqa.md). Pruning"
         " methods see a normal LLaVA prompt; text-guided ones that read only the text *after* the image"
-        " (SparseVLM's raters) find just `ASSISTANT:` there." if processor.chat_template == QUESTION_FIRST_TEMPLATE
-        else "")
+        " (SparseVLM's raters) find just `ASSISTANT:` there."
+        if processor.chat_template == QUESTION_FIRST_TEMPLATE else "")
     stage_rows = "\n".join(f"| {name} | {steps} | {secs / 60:.1f} |" for name, steps, secs in times)
     card = f"""# vqa-llava: a small LLaVA trained on vflowopt's procedural visual-QA scenes
 

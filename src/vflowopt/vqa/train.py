@@ -176,6 +176,16 @@ def make_batch(tokenizer, args, step: int, weights=None) -> dict[str, torch.Tens
     return batch
 
 
+def match_stats(match_logits: torch.Tensor, referent: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of the match probe (``(tokens, 3)`` logits against :func:`scenes.referents` labels) and its logs:
+    the loss and the recall on the patches a question is about."""
+    match_logits, referent = match_logits.float().reshape(-1, 3), referent.reshape(-1)
+    loss = F.cross_entropy(match_logits, referent)
+    hit = referent > 0
+    recall = (match_logits.argmax(-1)[hit] == referent[hit]).float().mean()
+    return loss, {"match_loss": float(loss.detach()), "match_recall": float(recall)}
+
+
 def forward_answers(model, taps, batch, tap_layer: int | None = None):
     """Logits of every sequence of ``batch``; each picture goes through the vision tower once, also when several
     sequences (question-first layout) share it (``batch["scene_index"]``: the picture of each sequence). With
@@ -459,6 +469,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         saved = torch.load(Path(args.init) / "match.pt", map_location="cpu")
         match, match_layer = nn.Linear(model.config.text_config.hidden_size, 3), int(saved["layer"])
         match.load_state_dict(saved["state"])
+    if args.match_weight > 0 and match is None:
+        raise SystemExit("--match-weight needs --init DIR from a pretrain run that trained the match probe "
+                         f"(DIR/match.pt); {args.init or 'no --init'} has none")
     lm_params = [p for p in model.parameters() if id(p) not in vision_ids]
     if match is not None:
         lm_params += list(match.parameters())
@@ -550,13 +563,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 loss = loss + args.align_weight * align
                 logs["align_rel_mse"] = float(align.detach())
             if tap is not None:  # keep the LM's image tokens naming what the question is about
-                match_logits = match(image_hidden.float()).flatten(0, 1)
-                match_loss = F.cross_entropy(match_logits, batch["referent"].flatten())
+                match_loss, match_logs = match_stats(match(image_hidden.float()), batch["referent"])
                 loss = loss + args.match_weight * match_loss
-                hit = batch["referent"].flatten() > 0
-                logs["match_loss"] = float(match_loss.detach())
-                logs["match_recall"] = float((match_logits.argmax(-1)[hit] == batch["referent"].flatten()[hit])
-                                             .float().mean())
+                logs.update(match_logs)
             if step < freeze_at:
                 loss = loss + args.patch_weight * aux_patch + args.cls_weight * aux_cls
         opt.zero_grad(set_to_none=True)
