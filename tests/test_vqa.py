@@ -420,3 +420,67 @@ def test_background_dropping_keeps_positions_and_is_exact_when_keeping_all():
         assert torch.equal(dropped["labels"][b][valid][dropped["labels"][b][valid] != -100],
                            batch["labels"][b][batch["labels"][b] != -100])
         assert torch.equal(batch["input_ids"][b][positions[b][valid]], dropped["input_ids"][b][valid])
+
+
+def test_attention_supervision_matches_eager_attention_and_its_targets(tmp_path):
+    from vflowopt.vqa import attn_supervision as A
+
+    args = T.parse_args(["--out", str(tmp_path), "--steps", "1", "--preset", "tiny", "--batch", "3",
+                         "--qa-min", "5", "--qa-max", "5", "--question-first", "--seed", "0",
+                         "--type-weights", "exists=1,colour=1,count=1,position=20,digit=1"])
+    model, proc = M.build_model("tiny", "qwen2", seed=0, question_first=True)
+    model.set_attn_implementation("eager")
+    batch = T.make_batch(proc.tokenizer, args, 0)
+    taps, tap = T.Taps(model), A.AttentionTap(model, 0)
+    weights = {}
+    hook = model.model.language_model.layers[0].self_attn.register_forward_hook(
+        lambda m, a, o: weights.__setitem__("w", o[1]))
+    with torch.no_grad():
+        T.forward_answers(model, taps, batch)
+        query = A.answer_positions(batch["labels"])
+        logp = tap.answer_log_attention(query)
+    hook.remove()
+    rows = torch.arange(len(query))
+    # the recomputed row is the layer's own attention at the position that predicts the answer
+    torch.testing.assert_close(logp.exp(), weights["w"][rows, : A.SUPERVISED_HEADS, query], atol=1e-6, rtol=1e-5)
+    assert (batch["labels"][rows, query + 1] != -100).all() and (batch["labels"][rows, query] == -100).all()
+    target = A.attention_targets(batch, model.config.image_token_id)
+    torch.testing.assert_close(target.sum(-1), torch.ones(len(query), A.SUPERVISED_HEADS))
+    assert (target[:, :, 0] > 0).all()  # <s> (the sink) is always a target
+    image = batch["input_ids"] == model.config.image_token_id
+    types = batch["answer_type"].max(-1).values
+    for i in range(len(query)):
+        on_image = target[i][:, image[i]] > 0
+        centre = batch["patch_centre"][batch["scene_index"][i]] > 0
+        referent = batch["referent"][i]
+        if S.QUESTION_TYPES[types[i]] == "digit":
+            assert torch.equal(on_image[0], referent == 1)
+        else:
+            assert torch.equal(on_image[0], (referent == 1) & centre)
+        assert torch.equal(on_image[1], (referent == 2) & centre)
+    assert set(types.tolist()) == set(range(len(S.QUESTION_TYPES)))  # every type, both heads exercised
+    loss, logs = A.attention_loss(tap, batch, model.config.image_token_id)
+    assert loss.item() > 0 and 0 <= logs["attn_target_mass"] <= 1
+    tap.remove()
+    taps.remove()
+    with pytest.raises(ValueError, match="attn-layer 5"):
+        A.AttentionTap(model, 5)
+
+
+def test_attention_supervision_trains_and_is_a_logged_recipe_change_on_resume(tmp_path):
+    common = ["--out", str(tmp_path), "--preset", "tiny", "--batch", "2", "--qa-min", "2", "--qa-max", "2",
+              "--question-first", "--eval-every", "0", "--log-every", "1", "--threads", "1", "--warmup", "1"]
+    T.main(["--steps", "1", *common])
+    T.main(["--steps", "2", "--resume", "--attn-weight", "0.5", "--attn-layer", "0", *common[:2]])
+    records = [json.loads(line) for line in (tmp_path / "train.log").read_text().splitlines()]
+    assert [r for r in records if r.get("event") == "recipe_change"] == [
+        {"kind": "event", "event": "recipe_change", "step": 1, "changed": {"attn_layer": 0, "attn_weight": 0.5}}]
+    train = [r for r in records if r["kind"] == "train"]
+    assert "attn_loss" not in train[0] and "attn_loss" in train[1]
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ckpt["args"]["attn_weight"] == 0.5 and ckpt["args"]["question_first"]
+    with pytest.raises(SystemExit, match="question-first"):
+        T.main(["--steps", "1", "--out", str(tmp_path / "x"), "--preset", "tiny", "--attn-weight", "1",
+                "--eval-every", "0"])
+    with pytest.raises(SystemExit, match="attn-layer 3"):
+        T.main(["--steps", "1", *common[2:], "--out", str(tmp_path / "y"), "--attn-weight", "1", "--attn-layer", "3"])

@@ -45,7 +45,17 @@ from torch import nn
 
 from . import scenes as S
 from .model import build_model, save
-from .train import DEFAULT_TYPE_WEIGHTS, AuxHeads, encode_qa, match_stats, parse_type_weights, pixel_values, warm_cosine
+from .train import (
+    DEFAULT_TYPE_WEIGHTS,
+    AuxHeads,
+    encode_qa,
+    explicit_flags,
+    match_stats,
+    parse_type_weights,
+    pixel_values,
+    restore_recipe,
+    warm_cosine,
+)
 
 GRID = 16
 RESUME_KEEP = ("stage", "out", "steps", "resume", "log_every", "save_every", "threads", "max_minutes")
@@ -311,14 +321,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ckpt = None
     if args.resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        # the recipe comes from the checkpoint, run control from now; recipe flags given explicitly on the
-        # command line are deliberate changes at this step (logged as a "recipe_change" event)
-        explicit = set(getattr(args, "explicit", []))
-        changed = {k: getattr(args, k) for k in sorted(explicit)
-                   if k not in RESUME_KEEP and (k not in ckpt["args"] or ckpt["args"][k] != getattr(args, k))}
-        for key, value in ckpt["args"].items():
-            if key not in RESUME_KEEP and key not in changed and key != "explicit" and hasattr(args, key):
-                setattr(args, key, value)
+        changed = restore_recipe(args, ckpt["args"], RESUME_KEEP)  # explicit recipe flags: logged changes
     lm_state = None
     if args.stage == "connect":  # the LM's prompt layout decides the saved processor's chat template
         lm_state = torch.load(Path(args.lm) / "stage.pt", map_location="cpu", weights_only=False)
@@ -489,9 +492,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--max-minutes", type=float, default=0.0)
     args = p.parse_args(argv)
-    given = sys.argv[1:] if argv is None else list(argv)
-    args.explicit = sorted({a.dest for a in p._actions
-                            if any(tok == o or tok.startswith(o + "=") for o in a.option_strings for tok in given)})
+    args.explicit = explicit_flags(p, argv)
     if args.stage == "connect" and not (args.lm and args.vision):
         p.error("connect needs --lm DIR and --vision DIR")
     return args

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import scenes as S
+from .attn_supervision import AttentionTap, attention_loss
 from .model import build_model, num_parameters, rescale_projector, save
 
 CLIP_MEAN = np.asarray([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
@@ -349,6 +350,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--match-weight", type=float, default=0.0,
                    help="with --init from a pretrain run that trained the match probe (match.pt): weight of that "
                         "probe's loss during fine-tuning (0: off)")
+    p.add_argument("--attn-weight", type=float, default=0.0,
+                   help="question-first: weight of the attention supervision of the answer position "
+                        "(vflowopt.vqa.attn_supervision; 0: off)")
+    p.add_argument("--attn-layer", type=int, default=3,
+                   help="LM layer (0-based) whose first two heads --attn-weight supervises")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--eval-every", type=int, default=1000, help="0: no held-out evaluation during training")
@@ -359,6 +365,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-minutes", type=float, default=0.0,
                    help="stop cleanly (checkpoint saved) after this much wall-clock time; resume later")
     args = p.parse_args(argv)
+    args.explicit = explicit_flags(p, argv)
     if args.schedule == "joint":
         args.vision_only_frac, args.freeze_vision_frac = 0.0, 1.0
     return args
@@ -366,6 +373,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 RESUME_KEEP = ("out", "steps", "resume", "device", "log", "log_every", "save_every", "eval_every", "eval_n",
                "workers", "threads", "amp", "max_minutes")
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv) -> list[str]:
+    """Destinations of the options written on the command line (``argv``, or ``sys.argv[1:]``)."""
+    given = sys.argv[1:] if argv is None else list(argv)
+    return sorted({a.dest for a in parser._actions
+                   if any(tok == o or tok.startswith(o + "=") for o in a.option_strings for tok in given)})
+
+
+def restore_recipe(args: argparse.Namespace, saved: dict[str, Any], keep: tuple[str, ...]) -> dict[str, Any]:
+    """On resume the recipe comes from the checkpoint (``saved``) and run control (``keep``) from now; recipe
+    flags given explicitly on the command line are deliberate changes: kept, and returned to be logged."""
+    explicit = set(getattr(args, "explicit", []))
+    changed = {k: getattr(args, k) for k in sorted(explicit)
+               if k not in keep and (k not in saved or saved[k] != getattr(args, k))}
+    for key, value in saved.items():
+        if key not in keep and key not in changed and key != "explicit" and hasattr(args, key):
+            setattr(args, key, value)
+    return changed
 
 
 def _log(path: Path, record: dict[str, Any]) -> None:
@@ -450,10 +476,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if not path.exists():
             raise SystemExit(f"--resume: no checkpoint at {path}")
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        saved = ckpt["args"]
-        for key, value in saved.items():  # the recipe comes from the checkpoint; run-control flags from now
-            if key not in RESUME_KEEP:
-                setattr(args, key, value)
+        changed = restore_recipe(args, ckpt["args"], RESUME_KEEP)
 
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -472,6 +495,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.match_weight > 0 and match is None:
         raise SystemExit("--match-weight needs --init DIR from a pretrain run that trained the match probe "
                          f"(DIR/match.pt); {args.init or 'no --init'} has none")
+    if args.attn_weight > 0 and not args.question_first:
+        raise SystemExit("--attn-weight needs the question-first layout (--question-first, or --init from a "
+                         "question-first pretrain run)")
     lm_params = [p for p in model.parameters() if id(p) not in vision_ids]
     if match is not None:
         lm_params += list(match.parameters())
@@ -495,6 +521,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         _set_rng_state(ckpt["rng"])
         flags, history, start = ckpt["flags"], ckpt["history"], ckpt["step"]
         _log(log_path, {"kind": "event", "event": "resume", "step": start, "time": time.time()})
+        if changed:
+            _log(log_path, {"kind": "event", "event": "recipe_change", "step": start, "changed": changed})
     else:
         _log(log_path, {"kind": "event", "event": "start", "args": vars(args), "params": num_parameters(model),
                         "device": str(device), "time": time.time()})
@@ -509,6 +537,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             if torch.is_tensor(v) and k != "step":
                 state[k] = v.to(device)
     taps = Taps(model)
+    try:
+        attn_tap = AttentionTap(model, args.attn_layer) if args.attn_weight > 0 else None
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     freeze_at = int(args.freeze_vision_frac * args.steps)
 
     loader = torch.utils.data.DataLoader(
@@ -566,6 +598,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 match_loss, match_logs = match_stats(match(image_hidden.float()), batch["referent"])
                 loss = loss + args.match_weight * match_loss
                 logs.update(match_logs)
+            if attn_tap is not None:  # the answer position reads the referred objects (attn_supervision)
+                attn_loss, attn_logs = attention_loss(attn_tap, batch, model.config.image_token_id)
+                loss = loss + args.attn_weight * attn_loss
+                logs.update(attn_logs)
             if step < freeze_at:
                 loss = loss + args.patch_weight * aux_patch + args.cls_weight * aux_cls
         opt.zero_grad(set_to_none=True)
@@ -620,6 +656,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             _log(log_path, {"kind": "event", "event": "time_limit", "step": step, "elapsed_s": time.time() - t0})
             break
     taps.remove()
+    if attn_tap is not None:
+        attn_tap.remove()
     if step == start:  # nothing to do (already at --steps)
         _log(log_path, {"kind": "event", "event": "nothing_to_do", "step": step})
     _log(log_path, {"kind": "event", "event": "end", "step": step, "elapsed_s": time.time() - t0})
