@@ -484,3 +484,4 @@ def test_attention_supervision_trains_and_is_a_logged_recipe_change_on_resume(tm
                 "--eval-every", "0"])
     with pytest.raises(SystemExit, match="attn-layer 3"):
         T.main(["--steps", "1", *common[2:], "--out", str(tmp_path / "y"), "--attn-weight", "1", "--attn-layer", "3"])
+    assert not (tmp_path / "y" / "train.log").exists()  # refused before anything was logged

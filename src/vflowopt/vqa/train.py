@@ -35,6 +35,9 @@ The recipe (see ``docs/vqa.md`` and ``../shared/reference/tiny-training.md``, tr
   trained with a fresh warmup + cosine at ``--lr-stage2``;
 * a curriculum: easy scenes (1-3 large objects, big digit) for the first ``--curriculum-frac`` of steps,
   then ``--easy-mix`` of easy scenes mixed in.
+* question-first only: ``--match-weight`` (the LM stage's match probe kept) and ``--attn-weight`` (two heads
+  of ``--attn-layer`` taught to attend from the answer position to the objects the question is about:
+  :mod:`vflowopt.vqa.attn_supervision`).
 
 The auxiliary heads are not part of the saved model.
 """
@@ -498,6 +501,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.attn_weight > 0 and not args.question_first:
         raise SystemExit("--attn-weight needs the question-first layout (--question-first, or --init from a "
                          "question-first pretrain run)")
+    try:  # checked before anything is logged or loaded
+        attn_tap = AttentionTap(model, args.attn_layer) if args.attn_weight > 0 else None
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     lm_params = [p for p in model.parameters() if id(p) not in vision_ids]
     if match is not None:
         lm_params += list(match.parameters())
@@ -537,10 +544,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             if torch.is_tensor(v) and k != "step":
                 state[k] = v.to(device)
     taps = Taps(model)
-    try:
-        attn_tap = AttentionTap(model, args.attn_layer) if args.attn_weight > 0 else None
-    except ValueError as err:
-        raise SystemExit(str(err)) from None
     freeze_at = int(args.freeze_vision_frac * args.steps)
 
     loader = torch.utils.data.DataLoader(
