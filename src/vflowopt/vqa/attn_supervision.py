@@ -1,7 +1,8 @@
 """Attention supervision of the answer position (a training aid of ``train.py --attn-weight``; not saved).
 
-Why: on the shipped question-first model the LM could not count past two (val: "three" 0/13) and was near
-chance on left/right, although its image tokens already mark what a question is about (the match probe).
+Why: the second shipped model (0.840, question-first, trained without this loss) could not count past two
+(val: answers "three" 0/13 right) and was at 0.66 on left/right, although its image tokens already marked
+what a question is about (the match probe).
 Reading those marks is one attention step: the answer position attends to the referred objects (one key per
 object: its centre patch) and to ``<s>`` as a sink, so the share of attention that leaves the sink grows with
 the number of objects, and a head that attends to the second object of a position question reads that
