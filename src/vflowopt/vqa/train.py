@@ -501,7 +501,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.attn_weight > 0 and not args.question_first:
         raise SystemExit("--attn-weight needs the question-first layout (--question-first, or --init from a "
                          "question-first pretrain run)")
-    try:  # checked before anything is logged or loaded
+    try:  # checked before anything is logged and before a resumed checkpoint's weights are loaded
         attn_tap = AttentionTap(model, args.attn_layer) if args.attn_weight > 0 else None
     except ValueError as err:
         raise SystemExit(str(err)) from None
