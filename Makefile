@@ -1,13 +1,23 @@
-# VFlowOpt developer tasks. Everything (torch included) is installed into .venv by the `.venv` target.
+# VFlowOpt developer tasks. Everything (torch included) is installed into virtual environments here.
+#
+# The supported transformers range is tested at both ends (pyproject: transformers>=5.19,<5.25):
+#   .venv        the newest supported release, pinned with everything else in constraints.txt
+#   .venv-oldest the same pins with transformers replaced by the oldest supported release
+# `make test` runs the whole suite in both; `make test-newest` / `make test-oldest` run one leg.
 
 PYTHON ?= python3
-VENV := .venv
-BIN := $(VENV)/bin
 # torch goes in first, on its own, so that resolving the other requirements never pulls a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-STAMP := $(VENV)/.install.stamp
+TRANSFORMERS_OLDEST ?= 5.19.0
+PYTEST_ARGS ?= -q
 
-.PHONY: .venv test run lint
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.install.stamp
+OLD := .venv-oldest
+OLD_STAMP := $(OLD)/.install.stamp
+
+.PHONY: .venv test test-newest test-oldest run lint
 
 .venv: $(STAMP)
 
@@ -17,8 +27,23 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
-test: .venv
-	$(BIN)/python -m pytest -q
+$(OLD_STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(OLD)/bin/python || $(PYTHON) -m venv $(OLD)
+	$(OLD)/bin/python -m pip install "$(TORCH_SPEC)"
+	grep -v '^transformers==' constraints.txt > $(OLD)/constraints.txt
+	echo "transformers==$(TRANSFORMERS_OLDEST)" >> $(OLD)/constraints.txt
+	$(OLD)/bin/python -m pip install -c $(OLD)/constraints.txt -e ".[dev]"
+	touch $(OLD_STAMP)
+
+test: test-newest test-oldest
+
+test-newest: .venv
+	@$(BIN)/python -c "import transformers; print('transformers', transformers.__version__)"
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-oldest: $(OLD_STAMP)
+	@$(OLD)/bin/python -c "import transformers; print('transformers', transformers.__version__)"
+	$(OLD)/bin/python -m pytest $(PYTEST_ARGS)
 
 run: .venv
 	$(BIN)/vflowopt run

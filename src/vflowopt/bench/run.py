@@ -33,6 +33,7 @@ from torch import nn
 
 from ..config import ConfigError, available_methods, check_fraction, config_for
 from ..models.base import adapter_for
+from ..runtime.compat import cache_from_output
 from .fidelity import cosine, next_token_kl, token_agreement
 from .flops import (
     llm_prefill_flops,
@@ -294,7 +295,7 @@ class _Runner:
                 if handle is not None:
                     pruning.append(float(handle.stats.pruning_ms))
                 if r == 0:
-                    per_layer = kv_cache_bytes(getattr(out, "past_key_values", None))
+                    per_layer = kv_cache_bytes(cache_from_output(out))
                     record.kv_cache_bytes_per_layer = per_layer
                     record.kv_cache_bytes = sum(per_layer)
                     captured["logits"] = out.logits[0, -1].detach().float().cpu()

@@ -23,6 +23,7 @@ from ..errors import ConfigError, PruningError
 from ..methods.base import PrefillContext, PruningMethod, Selection
 from ..models.base import FeatureCountMismatch, ModelAdapter, TokenLayout, VisualTokens, image_mask_from
 from ..signals.llm_attention import tap_attention
+from .compat import cache_from_kwargs, cache_from_output
 from .sequence import complement_keep, gather_mask, gather_seq, positions_after_drop
 from .stats import PruneStats
 from .vision_point import VisionPoint, _VitRun
@@ -199,7 +200,7 @@ class PruningEngine(VisionPoint):
         derive positions from the shorter cache (Qwen-VL: cache length + rope_deltas); give it the
         full-sequence positions instead, as generate() does."""
         plan = self._plan
-        past = kwargs.get("past_key_values")
+        past = cache_from_kwargs(kwargs)
         if (self.compact or plan is None or plan.next_pos is None or past is None or plan.cache is None
                 or plan.cache() is not past or kwargs.get("position_ids") is not None):
             return None
@@ -233,7 +234,7 @@ class PruningEngine(VisionPoint):
     def _on_text_pre(self, module, args, kwargs):
         fwd, self._fwd = self._fwd, None
         self._run = None
-        past = kwargs.get("past_key_values")
+        past = cache_from_kwargs(kwargs)
         past_len = past.get_seq_length() if past is not None else 0
         image_mask = fwd["image_mask"] if fwd else None
         if image_mask is not None and bool(image_mask.any()):
@@ -409,7 +410,7 @@ class PruningEngine(VisionPoint):
         self.stats.visual_tokens_per_layer = per_layer
         self.stats.kv_tokens_per_layer = kv
         self.stats.pruning_ms = 1000.0 * run.pruning_s
-        cache = getattr(output, "past_key_values", None)
+        cache = cache_from_output(output)
         plan.cache = weakref.ref(cache) if cache is not None else None
         self._plan = plan if cache is not None else None
         self.method.reset()
