@@ -174,3 +174,83 @@ def test_error_during_a_forward_leaves_the_model_usable(make_model):
                 model(**kwargs, mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=feats)})
             model(**inputs)
         assert h.stats.mean_retention < 0.5
+
+
+# -- an invalid config cannot be built (types first, then ranges), for every registered method ----------
+@pytest.mark.parametrize("method", vflowopt.available_methods())
+@pytest.mark.parametrize("budget", [0, 0.0, 1.5, -0.1, float("nan"), float("inf"), "0.5", True, [0.5]])
+def test_every_method_refuses_a_bad_budget_at_construction(method, budget):
+    with pytest.raises(vflowopt.ConfigError, match="budget"):
+        vflowopt.config_for(method, budget=budget)
+
+
+BAD_FIELDS = [
+    (dict(recycle="no"), "recycle must be true or false"),
+    (dict(recycle=0), "recycle must be true or false"),
+    (dict(image_mean=(0.5,)), "image_mean must be a list of 3 values"),
+    (dict(image_std=(0, 0, 0)), "image_std must be three numbers > 0"),
+    (dict(image_std=(0.5, 0.5, "x")), "image_std must be a list of 3 values"),
+    (dict(entropy_weight=1e6), "entropy_weight"),
+    (dict(entropy_weight=float("nan")), "entropy_weight"),
+    (dict(grid_size=1e9), "grid_size"),
+    (dict(stage_layers=(1.5, 3)), "stage_layers must be a list of 2 values"),
+    (dict(vision_layer=1.0), "vision_layer must be an integer"),
+    (dict(calibration=1), "calibration must be a string"),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", BAD_FIELDS)
+def test_field_types_and_ranges_are_checked_at_construction(kwargs, match):
+    with pytest.raises(vflowopt.ConfigError, match=match):
+        vflowopt.VFlowOptConfig(budget=0.5, **kwargs)
+
+
+def test_lists_become_tuples_and_ints_are_numbers():
+    cfg = vflowopt.VFlowOptConfig(budget=1, retention=[0.5, 1.0], image_mean=[0, 0, 0], threshold=35)
+    assert cfg.retention == (0.5, 1.0) and cfg.image_mean == (0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "fields,match",
+    [
+        ({"recycle": "no"}, "recycle must be true or false"),
+        ({"method": ["vflowopt"]}, "'method' must be a method name"),
+        ({"schema_version": "1"}, "'schema_version' must be a whole number"),
+        ({"schema_version": 99}, "reads up to"),
+        ({"budget": 0}, "budget"),
+        ({"image_mean": [0.5]}, "image_mean"),
+    ],
+)
+def test_strategy_file_with_bad_fields_is_refused_with_one_clear_error(tmp_path, fields, match):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"method": "vflowopt", "schema_version": 1, "budget": 0.3, **fields}))
+    with pytest.raises(vflowopt.ConfigError, match=match):
+        vflowopt.load_config(path)
+
+
+def test_keep_count_never_empties_an_image():
+    from vflowopt.budget import keep_count
+
+    assert keep_count(1, 0.5) == 1  # round(0.5) would be 0
+    assert keep_count(576, 1e-9) == 1
+    assert keep_count(0, 0.5) == 0
+    assert keep_count(10, 0.25) == 2 and keep_count(10, 1.0) == 10
+
+
+@pytest.mark.parametrize("method", vflowopt.available_methods())
+def test_a_tiny_budget_keeps_one_token_per_image_and_stage(make_model, method):
+    model, proc = make_model("llava_onevision", "sdpa")
+    try:
+        cfg = vflowopt.config_for(method, budget=1e-9)
+        handle = vflowopt.prune(model, cfg)
+    except vflowopt.ConfigError as exc:  # in-LLM methods whose first stage sets a minimum budget say so
+        assert "budget" in str(exc)
+        return
+    try:
+        with torch.no_grad():
+            model(**one_image_inputs(proc))
+        stats = handle.stats
+        assert stats.stages and all(n >= 1 for _, n in stats.stages), stats.stages
+        assert min(stats.visual_tokens_per_layer) >= 1
+    finally:
+        handle.remove()

@@ -58,9 +58,14 @@ def solve_r3(budget: float, r1: float, r2: float, stage_layers: Sequence[int], n
 
 
 def keep_count(n: int, ratio: float) -> int:
-    """Tokens kept out of n at a ratio; rounding is per stage so the realised mean stays within one
-    token per stage of the requested budget."""
-    return min(n, max(0, int(round(ratio * n))))
+    """Tokens kept out of n at a ratio: round(ratio·n), but at least one of an image that has any.
+
+    Rounding is per stage, so the realised mean stays within one token per stage of the requested
+    budget; the floor of one token means a stage never empties an image (round(0.5·1) would be 0),
+    so a budget below 1/n is realised as one token per image and stage (stats.mean_retention tells)."""
+    if n <= 0:
+        return 0
+    return min(n, max(1, int(round(ratio * n))))
 
 
 def realised_mean(per_layer_counts: Sequence[int], n_visual: int) -> float:

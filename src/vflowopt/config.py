@@ -11,6 +11,8 @@ import json
 import math
 import os
 import tempfile
+import types
+import typing
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -38,8 +40,13 @@ class PruneConfig:
     model_family: str | None = None
     num_layers: int | None = None
 
+    def __post_init__(self) -> None:
+        # An invalid config cannot exist: types first (so a JSON "no" is not a truthy bool), then ranges.
+        check_field_types(self)
+        self.validate()
+
     def validate(self) -> None:
-        """Checks that do not need a model."""
+        """Checks that do not need a model; run at construction, so every field is already type-checked."""
         if self.budget is not None:
             check_fraction("budget", self.budget, allow_zero=False)
 
@@ -94,6 +101,87 @@ def check_fraction(name: str, value: Any, *, allow_zero: bool = True) -> None:
         raise ConfigError(f"{name} must be a number in {rng}, got {value!r}")
 
 
+def check_field_types(config: Any) -> None:
+    """ConfigError unless every dataclass field of `config` matches its annotation.
+
+    bool fields take only True/False; int fields only integers (not bools); float fields any finite real
+    number; `tuple[...]` fields a list or tuple of the right length and element types (stored as a tuple,
+    as after a JSON round trip). Fields annotated with other types are left to the config's validate().
+    """
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        expected = hints.get(f.name)
+        if expected is None:
+            continue
+        ok, converted = _conforms(value, expected)
+        if not ok:
+            raise ConfigError(
+                f"{type(config).__name__}.{f.name} must be {_describe(expected)}, got {value!r}"
+            )
+        if converted is not value:
+            object.__setattr__(config, f.name, converted)
+
+
+def _conforms(value: Any, tp: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, converted = _conforms(value, arg)
+            if ok:
+                return True, converted
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return ok, value
+    if tp is str:
+        return isinstance(value, str), value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            args = (args[0],) * len(value)
+        if len(args) != len(value):
+            return False, value
+        items = []
+        for item, arg in zip(value, args):
+            ok, converted = _conforms(item, arg)
+            if not ok:
+                return False, value
+            items.append(converted)
+        return True, tuple(items)
+    return True, value  # other annotations: checked by the config's validate()
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null (None)"
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a finite number"
+    if tp is str:
+        return "a string"
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+        return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
+    return getattr(tp, "__name__", str(tp))
+
+
 def register_method(name: str, config_cls: type[PruneConfig], method_cls: type) -> None:
     """Adds a method to the registry; each file in methods/ calls it once for its own method."""
     config_cls.method = name
@@ -108,7 +196,7 @@ def available_methods() -> list[str]:
 
 def method_entry(name: str) -> tuple[type[PruneConfig], type]:
     _ensure_builtin_methods()
-    if name not in _REGISTRY:
+    if not isinstance(name, str) or name not in _REGISTRY:
         raise ConfigError(f"unknown method '{name}'; available methods: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
 
@@ -130,7 +218,11 @@ def load_config(path: str | os.PathLike) -> PruneConfig:
         raise ConfigError(f"strategy file {path} is not valid JSON: {exc}") from None
     if not isinstance(data, dict) or "method" not in data:
         raise ConfigError(f"strategy file {path} has no 'method' field; it was not written by vflowopt")
+    if not isinstance(data["method"], str):
+        raise ConfigError(f"strategy file {path}: 'method' must be a method name (a string), got {data['method']!r}")
     version = data.get("schema_version", SCHEMA_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ConfigError(f"strategy file {path}: 'schema_version' must be a whole number >= 1, got {version!r}")
     if version > SCHEMA_VERSION:
         raise ConfigError(
             f"strategy file {path} has schema_version {version}; this vflowopt reads up to {SCHEMA_VERSION}"

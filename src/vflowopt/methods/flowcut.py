@@ -324,7 +324,7 @@ class FlowCutMethod(PruningMethod):
                 n_enter = int((prunable[bi] & (image[bi] == g)).sum())
                 # (k·n_enter + (L−k)·n_final) / (L·n_full) = budget
                 n_final = round((budget * big_l * n_full - k * n_enter) / (big_l - k))
-                counts[(bi, g)] = max(0, min(n_enter, n_final))
+                counts[(bi, g)] = min(n_enter, max(1, n_final))  # a stage never empties an image
         return topk_per_group(scores, image, prunable, counts)
 
 

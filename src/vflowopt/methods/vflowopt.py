@@ -27,6 +27,10 @@ from .base import PrefillContext, PruningMethod, Selection, topk_per_group
 DEFAULT_R1_FACTOR = 1.2
 DEFAULT_THRESHOLD = 35.0  # official strategies: t in 28.7-39.3
 DEFAULT_GRID = 16.0  # official strategies: a in 11.8-17.4 on 27×27 grids
+#: Accepted ranges beyond which a value is a mistake, not a strategy: |α| this large already ranks by
+#: entropy alone (softmax(H) sums to 1 over the image); a cell wider than any grid is one cell per grid.
+MAX_ENTROPY_WEIGHT = 100.0
+MAX_GRID = 1024.0
 
 
 @dataclass
@@ -70,8 +74,15 @@ class VFlowOptConfig(PruneConfig):
                 raise ConfigError(f"{name} must be a finite number, got {value!r}")
         if self.threshold < 0:
             raise ConfigError(f"threshold (t) must be >= 0, got {self.threshold}")
-        if self.grid_size < 1:
-            raise ConfigError(f"grid_size (a) must be >= 1 token, got {self.grid_size}")
+        if not -MAX_ENTROPY_WEIGHT <= self.entropy_weight <= MAX_ENTROPY_WEIGHT:
+            raise ConfigError(f"entropy_weight (α) must lie in [-{MAX_ENTROPY_WEIGHT:g}, {MAX_ENTROPY_WEIGHT:g}] "
+                              f"(the search space uses [-1, 1]), got {self.entropy_weight}")
+        if not 1 <= self.grid_size <= MAX_GRID:
+            raise ConfigError(f"grid_size (a) must lie in [1, {MAX_GRID:g}] tokens, got {self.grid_size}")
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if value is not None and name == "image_std" and not all(v > 0 for v in value):
+                raise ConfigError(f"image_std must be three numbers > 0 (one per RGB channel), got {list(value)}")
         if self.calibration not in ("sum", "mean"):
             raise ConfigError(f"calibration must be 'sum' (paper) or 'mean' (official code), got {self.calibration!r}")
         if self.positions not in ("keep", "compact"):

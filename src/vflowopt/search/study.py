@@ -334,7 +334,7 @@ def _run(model, samples, budget, *, trials, seed, storage, method, study_name, b
         raise ConfigError(f"trials must be a whole number >= 1, got {trials!r}")
     if not isinstance(n_startup_trials, int) or n_startup_trials < 0:
         raise ConfigError(f"n_startup_trials must be a whole number >= 0, got {n_startup_trials!r}")
-    base = base if base is not None else config_for(method)
+    base = base if base is not None else config_for(method, budget=budget)
     if base.method != method:
         raise ConfigError(f"base config is for method '{base.method}', not '{method}'")
     base = dataclasses.replace(base, budget=budget)
@@ -348,7 +348,8 @@ def _run(model, samples, budget, *, trials, seed, storage, method, study_name, b
     objective = Objective(model, samples, cache_references=cache_references)
 
     # The method's default strategy: the comparison point, the penalty floor, and a check that the
-    # method runs on these samples and that the budget keeps at least one visual token per image.
+    # method runs on these samples. A budget below 1/n is realised as one token per image and stage
+    # (budget.keep_count), the same rule as prune(), so no budget in (0, 1] is refused here.
     default_config = _resolve(config_for(method, budget=budget), adapter)
     storage_obj, storage_name = open_storage(storage if storage is not None else default_storage(out))
     study_name = study_name or default_study_name(method, budget)
@@ -362,12 +363,6 @@ def _run(model, samples, budget, *, trials, seed, storage, method, study_name, b
     default_value = study.user_attrs.get(_ATTR_PREFIX + "default_value")
     if default_value is None:
         default_eval = objective.evaluate(default_config)
-        smallest = min(default_eval.visual_tokens)
-        if round(budget * smallest) < 1:
-            raise ConfigError(
-                f"budget {budget:g} keeps no visual token of a sample with {smallest} visual tokens; the "
-                f"smallest budget this model can meet on these samples is about {1 / smallest:.3g}"
-            )
         default_value = default_eval.value
         study.set_user_attr(_ATTR_PREFIX + "default_value", default_value)
         study.set_user_attr(_ATTR_PREFIX + "seed", int(seed))
