@@ -110,7 +110,7 @@ def test_run_bench_records(bench_records):
     model, inputs, records, seen = bench_records
     assert [(r.method, r.budget) for r in records] == [("unpruned", 1.0), ("vflowopt", 1.0), ("vflowopt", 0.25)]
     assert seen == records
-    assert not vflowopt.api._ACTIVE.get(model), "run_bench must remove its pruning"
+    assert not vflowopt.api.active_handle(model), "run_bench must remove its pruning"
     ref, full, quarter = records
     for r in records:
         assert r.error is None and not r.fidelity_meaningful
@@ -164,7 +164,7 @@ def test_one_cell_out_of_memory_is_recorded_and_the_rest_go_on(make_model, monke
     records = run_bench(model, inputs, ["vflowopt"], [0.5, 0.25], new_tokens=1, repeats=1, warmup=0)
     assert records[1].error.startswith("out of memory") and records[1].prefill_ms is None
     assert records[2].error is None and records[2].prefill_ms > 0
-    assert not vflowopt.api._ACTIVE.get(model)
+    assert not vflowopt.api.active_handle(model)
 
 
 def test_bad_grid_is_refused_before_any_run(make_model):

@@ -40,7 +40,7 @@ def test_default_offline_run(capsys, tiny_cached):
     for label in ("vflowopt / 0.25", "visual tokens produced", "before LLM", "KV tokens per layer",
                   "layers 0-", "mean retention", "prefill", "pruning overhead"):
         assert label in out
-    assert not vflowopt.api._ACTIVE.get(tiny_cached), "the pruning handle must be removed"
+    assert not vflowopt.api.active_handle(tiny_cached), "the pruning handle must be removed"
 
 
 def test_json_output_has_the_fields(capsys, tiny_cached):
@@ -59,7 +59,7 @@ def test_json_output_has_the_fields(capsys, tiny_cached):
     assert report["mean_retention"] == pytest.approx(0.5, abs=0.05)
     assert report["prefill_ms"] > 0 and report["pruning_ms"] >= 0
     assert report["new_tokens"] <= 2 and isinstance(report["answer"], str)
-    assert not vflowopt.api._ACTIVE.get(tiny_cached)
+    assert not vflowopt.api.active_handle(tiny_cached)
 
 
 def test_strategy_file_round_trip(capsys, tmp_path, tiny_cached):

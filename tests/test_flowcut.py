@@ -59,8 +59,8 @@ def test_vit_signals_cls_and_mean_token():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(h, n, d, generator=g) for _ in range(3))
     a, s, vn, r = vit_signals(q, k, v, has_cls=True)
-    ref = torch.softmax(torch.einsum("hd,hnd->hn", q[:, 0], k[:, 1:]) / 2.0, -1).mean(0)
-    assert torch.allclose(a, ref) and a.shape == (n - 1,)
+    ref = torch.softmax(torch.einsum("hd,hnd->hn", q[:, 0], k) / 2.0, -1).mean(0)[1:]
+    assert torch.allclose(a, ref / ref.sum()) and a.shape == (n - 1,)
     assert torch.allclose(vn, v[:, 1:].abs().sum(-1).sum(0))
     a2, _, vn2, _ = vit_signals(q, k, v, has_cls=False)
     ref2 = torch.softmax(torch.einsum("hd,hnd->hn", q.mean(1), k) / 2.0, -1).mean(0)
@@ -165,3 +165,20 @@ def test_end_to_end_qwen2_vl_whole_merge_groups():
     assert seen[-1] // 4 == 2 * st.stages[0][1]  # two images, each its share, in whole 2×2 groups
     assert abs(st.mean_retention - 0.3) <= 1.0 / st.visual_tokens + 1e-9
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_vit_normalisation_follows_the_official_head_average_with_cls():
+    torch.manual_seed(0)
+    h, n, d = 4, 9, 8  # CLS + 8 patches
+    q, k, v = torch.randn(h, n, d), torch.randn(h, n, d), torch.randn(h, n, d)
+    k[0, 0] = 4 * q[0, 0] / q[0, 0].norm()  # head 0 looks mostly at CLS, as real CLIP heads often do
+    attn, sem, vnorm, _ = vit_signals(q, k, v, has_cls=True)
+    # official: per-head softmax over every token (CLS included), head mean, patches, renormalised
+    full = torch.softmax(q[:, 0:1] @ k.transpose(1, 2) / math.sqrt(d), dim=-1)[:, 0].mean(0)[1:]
+    assert torch.allclose(attn, full / full.sum(), atol=1e-6)
+    full_s = torch.softmax(v[:, 0:1] @ v.transpose(1, 2) / math.sqrt(d), dim=-1)[:, 0].mean(0)[1:]
+    assert torch.allclose(sem, full_s / full_s.sum(), atol=1e-6)
+    # not the same as a softmax over the patches alone (heads weighted equally)
+    patch_only = torch.softmax(q[:, 0:1] @ k[:, 1:].transpose(1, 2) / math.sqrt(d), dim=-1)[:, 0].mean(0)
+    assert not torch.allclose(attn, patch_only, atol=1e-3)
+    assert torch.allclose(vnorm, v[:, 1:].abs().sum(-1).sum(0))

@@ -117,3 +117,21 @@ def test_separate_grids_never_share_a_cell():
     rows, cols = _grid(2)
     cells = grid_cells(torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]), rows.repeat(2), cols.repeat(2), 4.0)
     assert cells[:4].unique().numel() == 1 and cells[4:].unique().numel() == 1 and cells[0] != cells[4]
+
+
+def test_grey_level_is_the_rounded_float_mean_not_the_official_truncation():
+    # one pixel with every channel at 10.6/255 after de-normalisation: the paper's 8-bit grey (ours)
+    # rounds the float mean to 11; the official code truncates each channel to uint8 first (10).
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    value = (10.6 / 255 - 0.5) / 0.5
+    px = torch.full((1, 3, 2, 2), value)
+    assert grey_levels(px, mean, std).unique().tolist() == [11]
+    truncated = ((px * 0.5 + 0.5).clamp(0, 1) * 255).to(torch.uint8).float().mean(1).long()
+    assert truncated.unique().tolist() == [10]
+    # a hand-made 2×2 patch: grey levels 11, 12, 12, 12 by rounding, entropy of (1/4, 3/4) in nats
+    chans = torch.tensor([10.6, 11.6, 11.6, 12.0]).view(1, 1, 2, 2).expand(1, 3, 2, 2) / 255
+    patch = (chans - 0.5) / 0.5
+    ours = patch_entropy(patch, 2, mean, std)[0, 0].item()
+    levels = grey_levels(patch, mean, std).flatten().tolist()
+    assert levels == [11, 12, 12, 12] and math.isclose(ours, -(0.25 * math.log(0.25) + 0.75 * math.log(0.75)),
+                                                      rel_tol=1e-6)

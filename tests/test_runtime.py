@@ -189,3 +189,52 @@ def test_static_cache_with_in_llm_stages_is_refused(make_model):
         with pytest.raises(vflowopt.PruningError, match="dynamic KV cache"):
             generate(model, inputs, 2, cache_implementation="static")
         generate(model, inputs, 2)  # still usable
+
+
+def _tapped_configs(model) -> int:
+    return sum(1 for m in model.modules() if hasattr(getattr(m, "config", None), "_vflowopt_tap"))
+
+
+def _our_hooks(model) -> int:
+    """Hooks installed by vflowopt (transformers installs output-capturing hooks of its own, lazily)."""
+
+    def ours(fn) -> bool:
+        fn = getattr(fn, "func", fn)
+        return getattr(getattr(fn, "__func__", fn), "__module__", "").startswith("vflowopt")
+
+    return sum(ours(fn) for m in model.modules()
+               for d in (m._forward_pre_hooks, m._forward_hooks) for fn in d.values())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["vflowopt", "flowcut", "fastv"])
+def test_deep_copy_carries_an_independent_working_pruning(make_model, family, method):
+    import copy
+
+    model, proc = make_model(family, "eager")
+    inputs = one_image_inputs(proc)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    cfg = vflowopt.config_for(method, budget=0.5)
+    h = vflowopt.prune(model, cfg)
+    try:
+        tokens = generate(model, inputs, 4)
+        stats = h.stats
+        twin = copy.deepcopy(model)
+        twin_handle = vflowopt.api.active_handle(twin)
+        assert twin_handle is not None and twin_handle is not h and twin_handle.model is twin
+        assert torch.equal(generate(twin, inputs, 4), tokens)  # the copy prunes, on its own engine
+        assert twin_handle.stats.stages == stats.stages
+        vflowopt.unprune(twin)  # the copy's pruning is cleaned like any other
+        assert _our_hooks(twin) == 0 and _tapped_configs(twin) == 0
+        assert "get_image_features" not in vars(twin.model)
+        with torch.no_grad():
+            assert torch.equal(twin(**inputs).logits, ref)
+        with vflowopt.pruned(twin, cfg):  # and pruned again: no second set of hooks stacked on the first
+            assert _our_hooks(twin) == _our_hooks(model) > 0
+            assert torch.equal(generate(twin, inputs, 4), tokens)
+        assert vflowopt.api.active_handle(model) is h  # the original is still pruned, and still works
+        assert torch.equal(generate(model, inputs, 4), tokens)
+    finally:
+        h.remove()
+    assert _our_hooks(model) == 0 and _tapped_configs(model) == 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Iterator
 
 from torch import nn
@@ -13,7 +12,16 @@ from .models.base import adapter_for
 from .runtime.engine import PruningEngine
 from .runtime.stats import PruneStats
 
-_ACTIVE: weakref.WeakKeyDictionary[nn.Module, PruneHandle] = weakref.WeakKeyDictionary()
+# The active handle lives on the model instance itself (not in a module-level table), so that
+# copy.deepcopy(model) yields a copy with its own, independent and working pruning that unprune()
+# and handle.remove() clean like the original's.
+_HANDLE_ATTR = "_vflowopt_handle"
+
+
+def active_handle(model: nn.Module) -> PruneHandle | None:
+    """The handle of the pruning attached to `model`, or None."""
+    handle = model.__dict__.get(_HANDLE_ATTR)
+    return handle if isinstance(handle, PruneHandle) and handle.model is model else None
 
 
 class PruneHandle:
@@ -30,13 +38,13 @@ class PruneHandle:
 
     @property
     def active(self) -> bool:
-        return _ACTIVE.get(self.model) is self
+        return active_handle(self.model) is self
 
     def remove(self) -> None:
         """Detach every hook; the model is exactly as loaded. Safe to call twice."""
         if self.active:
             self._engine.detach()
-            del _ACTIVE[self.model]
+            self.model.__dict__.pop(_HANDLE_ATTR, None)
 
     def __enter__(self) -> PruneHandle:
         return self
@@ -56,7 +64,7 @@ def prune(model: nn.Module, config: PruneConfig) -> PruneHandle:
     """
     if not isinstance(config, PruneConfig):
         raise ConfigError(f"prune() needs a vflowopt config (e.g. VFlowOptConfig), got {type(config).__name__}")
-    if model in _ACTIVE:
+    if active_handle(model) is not None:
         raise ConfigError(
             "this model is already pruned; call handle.remove() (or vflowopt.unprune(model)) before pruning again"
         )
@@ -77,13 +85,13 @@ def prune(model: nn.Module, config: PruneConfig) -> PruneHandle:
     engine = PruningEngine(model, adapter, method, positions=getattr(resolved, "positions", "keep"))
     engine.attach()
     handle = PruneHandle(model, resolved, engine)
-    _ACTIVE[model] = handle
+    model.__dict__[_HANDLE_ATTR] = handle  # plain attribute: not a submodule, parameter or buffer
     return handle
 
 
 def unprune(model: nn.Module) -> None:
     """Remove whatever pruning is attached to `model` (no-op if none)."""
-    handle = _ACTIVE.get(model)
+    handle = active_handle(model)
     if handle is not None:
         handle.remove()
 

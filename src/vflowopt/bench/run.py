@@ -355,7 +355,7 @@ def run_bench(
 
     from .. import api
 
-    if api._ACTIVE.get(model) is not None:
+    if api.active_handle(model) is not None:
         raise ConfigError("the model already has pruning attached; remove it before benchmarking")
     config = model.config
     runner = _Runner(model, inputs, new_tokens, repeats, warmup)

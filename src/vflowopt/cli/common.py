@@ -113,7 +113,7 @@ def _processor_class_name(path: Path) -> str | None:
 def _processor_from_parts(path: Path):
     """Build the processor from its image processor and tokenizer, with no video processor.
 
-    transformers 5.23 cannot build a video processor (nor type-check an empty video slot) without
+    transformers 5.19-5.24 cannot build a video processor (nor type-check an empty video slot) without
     torchvision, which makes AutoProcessor fail for e.g. LLaVA-OneVision. Like `tiny.py`, we use a
     subclass of the model's own processor class that accepts `video_processor=None`; images and text
     work, videos do not.

@@ -81,13 +81,24 @@ def vit_signals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, has_cls: bool
     q, k, v = q.float(), k.float(), v.float()
     d = q.shape[-1]
     if has_cls:
-        qg, vg, kp, vp = q[:, 0], v[:, 0], k[:, 1:], v[:, 1:]
-    else:
-        qg, vg, kp, vp = q.mean(1), v.mean(1), k, v
-    attn = torch.softmax(torch.einsum("hd,hnd->hn", qg, kp) / math.sqrt(d), dim=-1).mean(0)
-    sem = torch.softmax(torch.einsum("hd,hnd->hn", vg, vp) / math.sqrt(d), dim=-1).mean(0)
+        # As the official code: each head's softmax runs over every token, CLS included; heads are
+        # averaged, then the CLS column is dropped and the rest renormalised. A head that looks mostly
+        # at CLS therefore weighs less (by 1 - its CLS self-weight) than under a patch-only softmax.
+        attn = _patch_distribution(torch.einsum("hd,hnd->hn", q[:, 0], k) / math.sqrt(d))
+        sem = _patch_distribution(torch.einsum("hd,hnd->hn", v[:, 0], v) / math.sqrt(d))
+        vp = v[:, 1:]
+    else:  # no CLS: the global token is the mean token and every token is a patch
+        qg, vg, vp = q.mean(1), v.mean(1), v
+        attn = torch.softmax(torch.einsum("hd,hnd->hn", qg, k) / math.sqrt(d), dim=-1).mean(0)
+        sem = torch.softmax(torch.einsum("hd,hnd->hn", vg, vp) / math.sqrt(d), dim=-1).mean(0)
     vnorm = vp.abs().sum(-1).sum(0)
     return attn, sem, vnorm, entropy_ratio(attn)
+
+
+def _patch_distribution(logits: torch.Tensor) -> torch.Tensor:
+    """(H, n) logits over [CLS, patches] -> (n − 1,) head-averaged patch weights summing to 1."""
+    patches = torch.softmax(logits, dim=-1).mean(0)[1:]
+    return patches / patches.sum().clamp_min(torch.finfo(patches.dtype).tiny)
 
 
 def vit_schedule(feature_layer: int, every: int) -> tuple[int, ...]:

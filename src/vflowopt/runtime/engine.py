@@ -153,29 +153,9 @@ class PruningEngine(VisionPoint):
         names = self.adapter.image_kwargs
         if not (names or self._vit_point) or not hasattr(base, "get_image_features"):
             return
-        had_own = "get_image_features" in vars(base)
-        original = base.get_image_features
-        signature = inspect.signature(original)
-
-        @functools.wraps(original)
-        def get_image_features(*args, **kwargs):
-            bound = signature.bind_partial(*args, **kwargs)
-            self._image_kwargs = {k: bound.arguments.get(k) for k in names}
-            self._in_images = True  # the V point prunes image passes only (not video passes)
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self._in_images = False
-
-        base.get_image_features = get_image_features
-
-        def unwrap() -> None:
-            if had_own:
-                base.get_image_features = original
-            else:
-                del base.get_image_features
-
-        self._unwrap = unwrap
+        wrapper = _ImageFeaturesWrapper(self, base, names)
+        base.get_image_features = wrapper
+        self._unwrap = wrapper.unwrap
 
     def _hook(self, module: nn.Module, fn, pre: bool) -> None:
         if pre:
@@ -417,16 +397,18 @@ class PruningEngine(VisionPoint):
         return None
 
     def _attention_tap(self, layer: int):
-        def tap(module, query, key, value, mask, scaling):
-            run = self._run
-            if run is None or not run.prefill:
-                return
-            t0 = time.perf_counter()
-            self._sync_ctx(run)
-            self.method.on_llm_attention(run.ctx, layer, query, key, value, mask, scaling)
-            run.pruning_s += time.perf_counter() - t0
+        # a partial of a bound method, not a closure: copy.deepcopy(model) then copies the engine too
+        return functools.partial(self._attention_tap_call, layer)
 
-        return tap
+    def _attention_tap_call(self, layer: int, module, query, key, value, mask, scaling):
+        run = self._run
+        if run is None or not run.prefill:
+            return
+        t0 = time.perf_counter()
+        self._sync_ctx(run)
+        self.method.on_llm_attention(run.ctx, layer, query, key, value, mask, scaling)
+        run.pruning_s += time.perf_counter() - t0
+
 
     @staticmethod
     def _sync_ctx(run: _Run) -> None:
@@ -434,15 +416,17 @@ class PruningEngine(VisionPoint):
 
     # -- decoder layers -------------------------------------------------------------------------------
     def _layer_hook(self, layer: int):
-        def hook(module, args, kwargs):
-            run = self._run
-            if run is None:
-                return None
-            if run.prefill:
-                return self._layer_prefill(layer, run, args, kwargs)
-            return self._layer_decode(layer, run, args, kwargs)
+        # a partial of a bound method, not a closure: copy.deepcopy(model) then copies the engine too
+        return functools.partial(self._layer_hook_call, layer)
 
-        return hook
+    def _layer_hook_call(self, layer: int, module, args, kwargs):
+        run = self._run
+        if run is None:
+            return None
+        if run.prefill:
+            return self._layer_prefill(layer, run, args, kwargs)
+        return self._layer_decode(layer, run, args, kwargs)
+
 
     def _layer_prefill(self, layer: int, run: _Run, args: tuple, kwargs: dict):
         plan = run.plan
@@ -515,6 +499,39 @@ class PruningEngine(VisionPoint):
             run.sliced[key] = gather_mask(mask, None, cols)
         kwargs["attention_mask"] = run.sliced[key]
         return args, kwargs
+
+
+class _ImageFeaturesWrapper:
+    """Stands in for `base.get_image_features` on this instance while pruning is attached.
+
+    An object rather than a closure so that `copy.deepcopy(model)` copies it with the model: the copy's
+    wrapper calls the copy's own method and reports to the copy's engine."""
+
+    def __init__(self, engine: PruningEngine, base: nn.Module, names: tuple[str, ...]):
+        self.engine = engine
+        self.base = base
+        self.names = names
+        self.had_own = "get_image_features" in vars(base)
+        self.original = base.get_image_features
+        self.signature = inspect.signature(self.original)
+        self.__wrapped__ = self.original  # inspect.signature (used by generate()) sees the original's
+        functools.update_wrapper(self, self.original, updated=())
+
+    def __call__(self, *args, **kwargs):
+        engine = self.engine
+        bound = self.signature.bind_partial(*args, **kwargs)
+        engine._image_kwargs = {k: bound.arguments.get(k) for k in self.names}
+        engine._in_images = True  # the V point prunes image passes only (not video passes)
+        try:
+            return self.original(*args, **kwargs)
+        finally:
+            engine._in_images = False
+
+    def unwrap(self) -> None:
+        if self.had_own:
+            self.base.get_image_features = self.original
+        else:
+            self.base.__dict__.pop("get_image_features", None)
 
 
 def _stage_of(stages: list[_Stage], layer: int) -> _Stage:

@@ -8,6 +8,7 @@ matches, and the pre-LLM point then drops the tokens whose ViT tokens were dropp
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -36,12 +37,14 @@ class VisionPoint:
     """Mixin of PruningEngine: the V pruning point's hooks."""
 
     def _vit_tap(self, layer: int):
-        def tap(module, query, key, value, mask, scaling):
-            vit = self._vit
-            if vit is not None:
-                vit.calls.append((layer, query, key, value))
+        # a partial of a bound method, not a closure: copy.deepcopy(model) then copies the engine too
+        return functools.partial(self._vit_tap_call, layer)
 
-        return tap
+    def _vit_tap_call(self, layer: int, module, query, key, value, mask, scaling):
+        vit = self._vit
+        if vit is not None:
+            vit.calls.append((layer, query, key, value))
+
 
     def _vit_flush(self, vit: _VitRun) -> None:
         """Hand the attention inputs collected since the last flush to the method (Qwen-VL's non-flash
@@ -56,38 +59,40 @@ class VisionPoint:
         self._vision_s += time.perf_counter() - t0
 
     def _vit_layer_hook(self, layer: int):
-        def hook(module, args, kwargs):
-            vit = self._vit
-            if vit is None:
-                return None
-            hidden = args[0] if args else kwargs["hidden_states"]
-            if vit.state is None:
-                a = self.adapter
-                if a.vit_flat:
-                    lengths = a.vit_image_lengths()
-                    ids = torch.arange(hidden.shape[0], device=hidden.device)
-                    vit.state = VisionState(ids=ids, flat=True, group=a.vit_group, lengths=list(lengths),
-                                            full=list(lengths))
-                else:
-                    n_crops, n = hidden.shape[:2]
-                    ids = torch.arange(n, device=hidden.device).expand(n_crops, n)
-                    vit.state = VisionState(ids=ids, flat=False, prefix=a.vit_prefix_tokens, full=[n] * n_crops)
-            self._vit_flush(vit)
-            if layer in self.method.vision_prune_layers:
-                t0 = time.perf_counter()
-                keep = self.method.at_vision_layer(layer, vit.state)
-                if keep is not None and not bool(keep.all()):
-                    hidden = self._vit_drop(vit, hidden, keep)
-                    if args:
-                        args = (hidden, *args[1:])
-                    else:
-                        kwargs["hidden_states"] = hidden
-                self._vision_s += time.perf_counter() - t0
-            if vit.pruned and vit.state.flat:
-                self.adapter.slice_vision_layer_inputs(kwargs, vit.state.ids, vit.sliced)
-            return args, kwargs
+        # a partial of a bound method, not a closure: copy.deepcopy(model) then copies the engine too
+        return functools.partial(self._vit_layer_hook_call, layer)
 
-        return hook
+    def _vit_layer_hook_call(self, layer: int, module, args, kwargs):
+        vit = self._vit
+        if vit is None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if vit.state is None:
+            a = self.adapter
+            if a.vit_flat:
+                lengths = a.vit_image_lengths()
+                ids = torch.arange(hidden.shape[0], device=hidden.device)
+                vit.state = VisionState(ids=ids, flat=True, group=a.vit_group, lengths=list(lengths),
+                                        full=list(lengths))
+            else:
+                n_crops, n = hidden.shape[:2]
+                ids = torch.arange(n, device=hidden.device).expand(n_crops, n)
+                vit.state = VisionState(ids=ids, flat=False, prefix=a.vit_prefix_tokens, full=[n] * n_crops)
+        self._vit_flush(vit)
+        if layer in self.method.vision_prune_layers:
+            t0 = time.perf_counter()
+            keep = self.method.at_vision_layer(layer, vit.state)
+            if keep is not None and not bool(keep.all()):
+                hidden = self._vit_drop(vit, hidden, keep)
+                if args:
+                    args = (hidden, *args[1:])
+                else:
+                    kwargs["hidden_states"] = hidden
+            self._vision_s += time.perf_counter() - t0
+        if vit.pruned and vit.state.flat:
+            self.adapter.slice_vision_layer_inputs(kwargs, vit.state.ids, vit.sliced)
+        return args, kwargs
+
 
     def _vit_drop(self, vit: _VitRun, hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         state = vit.state

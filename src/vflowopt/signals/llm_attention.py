@@ -10,8 +10,8 @@ re-implementing its rotary embedding.
 from __future__ import annotations
 
 import copy
+import functools
 import sys
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -21,8 +21,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 IMPLEMENTATION = "vflowopt_scores"
 
-# attention module -> (callback(module, query, key, value, mask, scaling), original attention function)
-_TAPS: weakref.WeakKeyDictionary[nn.Module, tuple[Callable, Callable]] = weakref.WeakKeyDictionary()
+# The tap travels with the module: its private config carries (callback, original attention function),
+# so copy.deepcopy(model) copies a working tap along with the module instead of leaving a dangling one.
+_TAP_ATTR = "_vflowopt_tap"
 
 
 def _original_function(module: nn.Module, name: str) -> Callable:
@@ -31,7 +32,7 @@ def _original_function(module: nn.Module, name: str) -> Callable:
 
 
 def _tapped_attention(module, query, key, value, attention_mask, **kwargs):
-    callback, original = _TAPS[module]
+    callback, original = getattr(module.config, _TAP_ATTR)
     callback(module, query, key, value, attention_mask, kwargs.get("scaling"))
     return original(module, query, key, value, attention_mask, **kwargs)
 
@@ -43,18 +44,17 @@ def tap_attention(module: nn.Module, callback: Callable) -> Callable[[], None]:
     """Route `module`'s attention call through `callback` first; returns the function that undoes it."""
     original_config = module.config
     name = original_config._attn_implementation
-    if name == IMPLEMENTATION or module in _TAPS:
+    if name == IMPLEMENTATION or hasattr(original_config, _TAP_ATTR):
         raise RuntimeError("this attention module is already tapped")
     private = copy.copy(original_config)
     private._attn_implementation = IMPLEMENTATION
+    setattr(private, _TAP_ATTR, (callback, _original_function(module, name)))  # resolved once, not every call
     module.config = private
-    _TAPS[module] = (callback, _original_function(module, name))  # resolved once, not every call
+    return functools.partial(_untap, module, original_config)
 
-    def untap() -> None:
-        module.config = original_config
-        _TAPS.pop(module, None)
 
-    return untap
+def _untap(module: nn.Module, original_config) -> None:
+    module.config = original_config
 
 
 def attention_rows(
