@@ -1,18 +1,34 @@
-"""The procedural VQA benchmark: generator, model round trip, training / resume and evaluation (fast)."""
+"""The procedural VQA benchmark: generator, model round trip, training / resume and evaluation (fast).
+
+The training scripts live outside the package, in the repository's ``training/vqa/`` (found from the repository
+root: ``pythonpath = ["."]`` in pyproject's pytest options).
+"""
 
 from __future__ import annotations
 
+import ast
 import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from training.vqa import common as C
+from training.vqa import pretrain as P
+from training.vqa import ship as SHIP
+from training.vqa import train as T
 
 from vflowopt.vqa import evaluate as E
 from vflowopt.vqa import model as M
 from vflowopt.vqa import scenes as S
-from vflowopt.vqa import train as T
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _samples(n=12, seed=3):
@@ -116,8 +132,8 @@ def test_model_round_trip_offline(tiny_saved):
     size = sum(f.stat().st_size for f in path.iterdir())
     assert size < 25e6
     # training-time encoding = processor encoding (pixels and the first turn's tokens)
-    assert torch.allclose(T.pixel_values(sample["image"]), batch["pixel_values"][0], atol=1e-4)
-    ids, _, _ = T.encode_qa(proc2.tokenizer, sample["qa"][:1], 256)
+    assert torch.allclose(C.pixel_values(sample["image"]), batch["pixel_values"][0], atol=1e-4)
+    ids, _, _ = C.encode_qa(proc2.tokenizer, sample["qa"][:1], 256)
     assert ids[: batch["input_ids"].shape[1]] == batch["input_ids"][0].tolist()
 
 
@@ -135,16 +151,26 @@ def test_training_runs_and_resumes(tmp_path):
     common = ["--out", str(tmp_path), "--preset", "tiny", "--batch", "2", "--qa-min", "2", "--qa-max", "3",
               "--log-every", "1", "--save-every", "2", "--eval-every", "0", "--warmup", "1", "--threads", "2"]
     T.main(["--steps", "2", *common])
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 2 and (tmp_path / "model" / "config.json").exists()
     T.main(["--steps", "3", "--resume", *common])
     records = [json.loads(line) for line in (tmp_path / "train.log").read_text().splitlines()]
     steps = [r["step"] for r in records if r["kind"] == "train"]
     assert steps == [1, 2, 3]
     assert any(r.get("event") == "resume" and r["step"] == 2 for r in records)
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 3
+    resumed = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert resumed["step"] == 3
     loaded, _ = M.load(tmp_path / "model")
     assert not any("aux" in k for k in loaded.state_dict())
+    # the resumed run continued the trajectory of an uninterrupted one (weights and optimizer restored: the
+    # step-3 update matches bit for bit; the learning curve carried over)
+    straight = tmp_path / "straight"
+    T.main(["--steps", "3", *common[2:], "--out", str(straight)])
+    ref = torch.load(straight / "checkpoint.pt", weights_only=True)
+    for part in ("model", "aux"):
+        assert all(torch.equal(ref[part][k], resumed[part][k]) for k in ref[part])
+    assert [h["loss"] for h in ref["history"]] == [h["loss"] for h in resumed["history"]]
+    assert ref["flags"] == resumed["flags"]
 
 
 def test_batches_are_deterministic_by_seed():
@@ -176,14 +202,117 @@ def test_time_limit_stops_cleanly_and_resumes(tmp_path):
     common = ["--out", str(tmp_path), "--preset", "tiny", "--batch", "2", "--qa-min", "2", "--qa-max", "2",
               "--log-every", "1", "--save-every", "100", "--eval-every", "0", "--threads", "2", "--steps", "4"]
     T.main([*common, "--max-minutes", "1e-6"])
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 1
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 1
     T.main([*common, "--resume"])
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 4
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 4
+
+
+def test_resume_restores_the_rng_states_from_plain_data(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    np.random.randn()  # numpy keeps a cached gaussian: part of the state
+    C.save_checkpoint({"rng": T._rng_state()}, tmp_path / "rng.pt")
+    expected = [random.random(), random.gauss(0, 1), np.random.randn(), np.random.rand(), torch.rand(3)]
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    state = C.load_checkpoint(tmp_path / "rng.pt")["rng"]
+    assert isinstance(state["python"][1], list) and isinstance(state["numpy"]["state"]["key"], list)
+    json.dumps({k: v for k, v in state.items() if k in ("python", "numpy")})  # plain data
+    T._set_rng_state(state)
+    got = [random.random(), random.gauss(0, 1), np.random.randn(), np.random.rand(), torch.rand(3)]
+    assert got[:4] == expected[:4] and torch.equal(got[4], expected[4])
+    # what weights_only could not read back is refused when writing, not when resuming
+    with pytest.raises(TypeError, match="numpy"):
+        C.save_checkpoint({"history": [{"loss": np.float64(1.0)}]}, tmp_path / "bad.pt")
+    assert not (tmp_path / "bad.pt").exists()
+
+
+def _crafted_checkpoint(path: Path, marker: Path) -> Path:
+    """A checkpoint whose unpickling runs ``os.makedirs(marker)`` (as any code could run)."""
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.makedirs, (str(marker),)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"step": 1, "args": {}, "payload": RunsCode()}, path)
+    return path
+
+
+def _init_folder(tmp_path: Path, tiny_saved, name: str) -> Path:
+    folder = tmp_path / name
+    shutil.copytree(tiny_saved[2], folder / "model")
+    return folder
+
+
+# every checkpoint the training CLI reads: (file to craft, command line); "{t}" is the test's tmp_path
+CRAFTED_LOADERS = {
+    "train --resume": ("run/checkpoint.pt",
+                       lambda t: T.main(["--out", f"{t}/run", "--steps", "2", "--resume", "--preset", "tiny",
+                                         "--eval-every", "0"])),
+    "train --init match.pt": ("init/match.pt",
+                              lambda t: T.main(["--out", f"{t}/run", "--steps", "1", "--init", f"{t}/init",
+                                                "--preset", "tiny", "--eval-every", "0"])),
+    "train --init aux.pt": ("init_model/aux.pt",
+                            lambda t: T.main(["--out", f"{t}/run", "--steps", "1", "--init", f"{t}/init_model",
+                                              "--preset", "tiny", "--eval-every", "0"])),
+    "train --init symbolic.pt": ("init_model/symbolic.pt",
+                                 lambda t: T.main(["--out", f"{t}/run", "--steps", "1", "--init",
+                                                   f"{t}/init_model", "--preset", "tiny", "--eval-every", "0"])),
+    "pretrain --resume": ("lm/stage.pt",
+                          lambda t: P.main(["lm", "--out", f"{t}/lm", "--steps", "2", "--resume",
+                                            "--preset", "tiny"])),
+    "pretrain connect --lm": ("lm/stage.pt",
+                              lambda t: P.main(["connect", "--out", f"{t}/c", "--steps", "1", "--lm", f"{t}/lm",
+                                                "--vision", f"{t}/vision", "--preset", "tiny"])),
+    "pretrain connect --vision": ("vision/stage.pt",
+                                  lambda t: P.main(["connect", "--out", f"{t}/c", "--steps", "1", "--lm",
+                                                    f"{t}/lm", "--vision", f"{t}/vision", "--preset", "tiny"])),
+}
+
+
+@pytest.mark.parametrize("loader", list(CRAFTED_LOADERS))
+def test_crafted_pickle_checkpoints_are_refused_before_running_code(tmp_path, tiny_saved, loader):
+    crafted, run = CRAFTED_LOADERS[loader]
+    if crafted.startswith("init_model/"):  # a connect folder with its model: the loader reached is the .pt file
+        _init_folder(tmp_path, tiny_saved, "init_model")
+    if loader == "pretrain connect --vision":  # a genuine LM stage: the vision stage is the one crafted
+        (tmp_path / "lm").mkdir()
+        C.save_checkpoint({"args": {"question_first": False}}, tmp_path / "lm" / "stage.pt")
+    marker = tmp_path / "code_ran"
+    _crafted_checkpoint(tmp_path / crafted, marker)
+    with pytest.raises(SystemExit, match="refused to load .*could run code") as err:
+        run(tmp_path)
+    assert str(tmp_path / crafted) in str(err.value) and "os.makedirs" in str(err.value)
+    assert not marker.exists()
+    assert not (tmp_path / "run" / "train.log").exists() and not (tmp_path / "c" / "model").exists()
+    # the file is live: an unsafe load would have run its code
+    torch.load(tmp_path / crafted, weights_only=False)
+    assert marker.is_dir()
+
+
+def test_the_package_never_imports_the_training_tools():
+    package = ROOT / "src" / "vflowopt"
+    for name in ("train", "pretrain", "attn_supervision", "ship"):
+        assert not (package / "vqa" / f"{name}.py").exists()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            assert not any(n == "training" or n.startswith("training.") for n in names), path
+    # the training CLI runs from a clone's root
+    out = subprocess.run([sys.executable, "-m", "training.vqa.train", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and "--resume" in out.stdout, out.stderr
+    for main in (P.main, SHIP.main):
+        with pytest.raises(SystemExit) as err:
+            main(["--help"])
+        assert err.value.code == 0
 
 
 def test_symbolic_tokens_and_corruption():
-    from vflowopt.vqa import pretrain as P
-
     desc = S.sample_scene(S.scene_rng("train", 0, 1))
     targets = {k: torch.from_numpy(v)[None] for k, v in S.patch_targets(desc).items()}
     sym = P.SymbolicTokens(32)
@@ -204,19 +333,17 @@ def test_symbolic_tokens_and_corruption():
 
 @pytest.mark.parametrize("question_first", [False, True])
 def test_decoupled_pretraining_connects_and_fine_tunes(tmp_path, question_first):
-    from vflowopt.vqa import pretrain as P
-
     common = ["--preset", "tiny", "--batch", "2", "--qa-min", "2", "--qa-max", "3", "--log-every", "1",
               "--threads", "1", "--warmup", "1"]
     P.main(["lm", "--out", str(tmp_path / "lm"), "--steps", "2", *common,
             *(["--question-first"] if question_first else [])])
     P.main(["vision", "--out", str(tmp_path / "vision"), "--steps", "2", *common])
     P.main(["lm", "--out", str(tmp_path / "lm"), "--steps", "3", "--resume", *common])
-    assert torch.load(tmp_path / "lm" / "stage.pt", weights_only=False)["step"] == 3
+    assert torch.load(tmp_path / "lm" / "stage.pt", weights_only=True)["step"] == 3
     P.main(["connect", "--out", str(tmp_path / "c"), "--steps", "2", "--lm", str(tmp_path / "lm"),
             "--vision", str(tmp_path / "vision"), *common])
     connected, _ = M.load(tmp_path / "c" / "model")
-    lm_state = torch.load(tmp_path / "lm" / "stage.pt", weights_only=False)["parts"]["lm"]
+    lm_state = torch.load(tmp_path / "lm" / "stage.pt", weights_only=True)["parts"]["lm"]
     key = next(iter(lm_state))
     assert torch.equal(connected.model.language_model.state_dict()[key], lm_state[key])
     T.main(["--out", str(tmp_path / "j"), "--steps", "1", "--init", str(tmp_path / "c"), "--preset", "tiny",
@@ -231,8 +358,6 @@ def test_decoupled_pretraining_connects_and_fine_tunes(tmp_path, question_first)
 
 
 def test_symbolic_tokens_can_carry_the_word_embeddings_of_their_classes():
-    from vflowopt.vqa import pretrain as P
-
     tokenizer = M.build_tokenizer()
     words = torch.nn.Embedding(len(tokenizer), 8)
     sym = P.SymbolicTokens(8, word_ids=P.class_word_ids(tokenizer))
@@ -277,8 +402,6 @@ def test_referents_name_the_patches_each_question_is_about():
 
 
 def test_match_probe_trains_on_question_first_sequences(tmp_path):
-    from vflowopt.vqa import pretrain as P
-
     common = ["--preset", "tiny", "--batch", "2", "--qa-min", "2", "--qa-max", "2", "--log-every", "1",
               "--threads", "1", "--warmup", "1", "--question-first", "--match-weight", "1", "--match-layer", "1"]
     P.main(["lm", "--out", str(tmp_path / "lm"), "--steps", "2", "--bg-ramp", "0.5", "--word-tokens",
@@ -289,7 +412,7 @@ def test_match_probe_trains_on_question_first_sequences(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "lm" / "train.log").read_text().splitlines()]
     change = [r for r in records if r.get("event") == "recipe_change"]
     assert change == [{"kind": "event", "event": "recipe_change", "step": 2, "changed": {"position_words": True}}]
-    state = torch.load(tmp_path / "lm" / "stage.pt", weights_only=False)
+    state = torch.load(tmp_path / "lm" / "stage.pt", weights_only=True)
     assert state["args"]["question_first"] and state["args"]["position_words"] and state["step"] == 3
     assert "position_word_ids" in state["parts"]["symbolic"]
     assert all("match_loss" in r for r in records if r["kind"] == "train")
@@ -308,7 +431,7 @@ def test_match_probe_trains_on_question_first_sequences(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "j" / "train.log").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]
     assert all("match_recall" in r for r in records if r["kind"] == "train")
-    assert torch.load(tmp_path / "j" / "checkpoint.pt", weights_only=False)["match"] is not None
+    assert torch.load(tmp_path / "j" / "checkpoint.pt", weights_only=True)["match"] is not None
     with pytest.raises(SystemExit, match="question-first"):  # image tokens precede the question
         P.main(["lm", "--out", str(tmp_path / "nq"), "--steps", "1", "--preset", "tiny", "--match-weight", "1"])
     with pytest.raises(SystemExit, match="match-layer"):
@@ -320,12 +443,12 @@ def test_question_first_sequences_match_the_chat_template():
 
     processor = M.build_processor(question_first=True)
     qa = [{"type": "colour", "question": "what colour is the square ?", "answer": "red"}]
-    ids, labels, types = T.encode_qa(processor.tokenizer, qa, 256, question_first=True)
+    ids, labels, types = C.encode_qa(processor.tokenizer, qa, 256, question_first=True)
     prompt = build_inputs(processor, [Image.new("RGB", (224, 224))], [qa[0]["question"]])["input_ids"][0].tolist()
     assert ids[: len(prompt)] == prompt  # training sees exactly what inference feeds
     assert labels[len(prompt):] == ids[len(prompt):] and types[len(prompt)] == S.QUESTION_TYPES.index("colour")
     with pytest.raises(ValueError, match="one question"):
-        T.encode_qa(processor.tokenizer, qa * 2, 256, question_first=True)
+        C.encode_qa(processor.tokenizer, qa * 2, 256, question_first=True)
     batch = T.make_batch(processor.tokenizer, T.parse_args(["--out", "x", "--steps", "1", "--batch", "2",
                                                             "--qa-min", "3", "--qa-max", "3", "--question-first"]), 0)
     assert batch["input_ids"].shape[0] == 6 and batch["pixel_values"].shape[0] == 2
@@ -397,12 +520,10 @@ def test_run_defaults_to_the_shipped_model_and_sample(capsys):
 
 
 def test_background_dropping_keeps_positions_and_is_exact_when_keeping_all():
-    from vflowopt.vqa import pretrain as P
-
     model, processor = M.build_model("tiny", seed=0)
     model.eval()
     args = P.parse_args(["lm", "--out", "x", "--steps", "10", "--batch", "3", "--qa-min", "2", "--qa-max", "4"])
-    batch = P.lm_batch(processor.tokenizer, args, 0, T.parse_type_weights(args.type_weights))
+    batch = P.lm_batch(processor.tokenizer, args, 0, C.parse_type_weights(args.type_weights))
     tokens = P.SymbolicTokens(32)(P.targets_of(batch)).detach()
     image_id = model.config.image_token_id
     gen = torch.Generator().manual_seed(0)
@@ -423,7 +544,7 @@ def test_background_dropping_keeps_positions_and_is_exact_when_keeping_all():
 
 
 def test_attention_supervision_matches_eager_attention_and_its_targets(tmp_path):
-    from vflowopt.vqa import attn_supervision as A
+    from training.vqa import attn_supervision as A
 
     args = T.parse_args(["--out", str(tmp_path), "--steps", "1", "--preset", "tiny", "--batch", "3",
                          "--qa-min", "5", "--qa-max", "5", "--question-first", "--seed", "0",
@@ -477,7 +598,7 @@ def test_attention_supervision_trains_and_is_a_logged_recipe_change_on_resume(tm
         {"kind": "event", "event": "recipe_change", "step": 1, "changed": {"attn_layer": 0, "attn_weight": 0.5}}]
     train = [r for r in records if r["kind"] == "train"]
     assert "attn_loss" not in train[0] and "attn_loss" in train[1]
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["args"]["attn_weight"] == 0.5 and ckpt["args"]["question_first"]
     with pytest.raises(SystemExit, match="question-first"):
         T.main(["--steps", "1", "--out", str(tmp_path / "x"), "--preset", "tiny", "--attn-weight", "1",

@@ -3,7 +3,7 @@
 * Vision: CLIP vision encoder, 224 px images, 14 px patches -> 16 x 16 = 256 patch tokens + CLS.
   ``vision_feature_layer=-1`` and ``vision_feature_select_strategy="default"``: the LLM receives the 256
   patch tokens of the last layer; the CLS token is trained by an auxiliary head on the pooled output during
-  training (see :mod:`vflowopt.vqa.train`), so CLS-attention pruning methods read a real signal.
+  training (see ``training/vqa/train.py`` in the repository), so CLS-attention pruning methods read a real signal.
 * Language model: a small Qwen2 (or Llama) decoder over a word-level vocabulary (:func:`build_tokenizer`).
 * Processor: stock ``LlavaProcessor`` around ``LlavaImageProcessorPil`` (CLIP mean / std) and the
   word-level tokenizer; it emits 256 ``<image>`` tokens per picture.
@@ -17,8 +17,8 @@ Prompt format (the processor's chat template): the shipped model reads the quest
     <s>USER: {question} <image>\\n ASSISTANT: {answer} </s>
 
 so that every image token can attend to the question (a 3 M-parameter LM learns the question-dependent lookups
-far faster that way, see :mod:`vflowopt.vqa.pretrain`); ``question_first=False`` gives the LLaVA-1.5 layout
-``<s>USER: <image>\\n{question} ASSISTANT:``.
+far faster that way, see ``training/vqa/pretrain.py`` in the repository); ``question_first=False`` gives the
+LLaVA-1.5 layout ``<s>USER: <image>\\n{question} ASSISTANT:``.
 
 The answer is one word, so greedy decoding of one new token gives it.
 """

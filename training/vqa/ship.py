@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m vflowopt.vqa.ship --model RUN/model --eval EVAL.json --log STAGE1/train.log [--log ...]
+    python -m training.vqa.ship --model RUN/model --eval EVAL.json --log STAGE1/train.log [--log ...]
         --recipe RECIPE.md [--out src/vflowopt/assets/vqa_model] [--samples src/vflowopt/assets/samples]
 
 * copies the Hugging Face folder (weights, config, tokenizer, processor) to ``--out``;
@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from . import scenes as S
+from vflowopt.vqa import scenes as S
 
 
 def read_log(path: str | Path) -> list[dict[str, Any]]:
@@ -108,7 +108,7 @@ def accuracy_table(result: dict[str, Any]) -> str:
 
 
 def write_samples(model, processor, out: Path, n: int, seed: int) -> list[dict[str, Any]]:
-    from .evaluate import answer_questions
+    from vflowopt.vqa.evaluate import answer_questions
 
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("sample_*.png"):
@@ -131,7 +131,7 @@ def write_samples(model, processor, out: Path, n: int, seed: int) -> list[dict[s
         "# Shipped sample scenes\n\n"
         f"{len(kept)} procedural scenes of the VQA benchmark (`vflowopt.vqa.scenes`, split `val`, seed {seed}, "
         "224 x 224) and one question each (types in rotation), in `samples.jsonl` as "
-        '`{"image", "prompt", "answer", "type", "scene_index"}`. Written by `python -m vflowopt.vqa.ship`, which '
+        '`{"image", "prompt", "answer", "type", "scene_index"}`. Written by `python -m training.vqa.ship`, which '
         f"tried scenes in order and kept the first {len(kept)} questions the shipped model answers correctly at "
         f"full tokens ({len(kept)} of {tried} tried): they demonstrate `vflowopt run` and serve as a regression "
         "test, not as a measure of accuracy (see `../vqa_model/README.md`). `vflowopt run` uses the first one "
@@ -149,7 +149,7 @@ def prompt_format(processor) -> str:
 
 
 def write_card(out: Path, model, result: dict[str, Any], logs, recipe: str, n_samples: int, processor) -> str:
-    from .model import QUESTION_FIRST_TEMPLATE, num_parameters
+    from vflowopt.vqa.model import QUESTION_FIRST_TEMPLATE, num_parameters
 
     cfg = model.config
     v, t = cfg.vision_config, cfg.text_config
@@ -208,6 +208,9 @@ stage ran them.
 
 ## How it was trained
 
+The training scripts are maintainer tools in the vflowopt repository's `training/vqa/` (not installed with
+the package); run them from a clone's root as `python -m training.vqa.<script>`.
+
 {recipe.strip()}
 
 | stage | steps | minutes |
@@ -228,7 +231,7 @@ card. {n_samples} sample scenes with questions it answers correctly live in `../
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vflowopt.vqa.ship", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m training.vqa.ship", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="trained model folder (OUT/model)")
     p.add_argument("--eval", required=True, help="`vflowopt eval --json` result for this model")
     p.add_argument("--log", action="append", default=[], help="a training log (repeatable, in stage order)")
@@ -239,7 +242,7 @@ def main(argv=None) -> int:
     p.add_argument("--sample-seed", type=int, default=7)
     args = p.parse_args(argv)
 
-    from .model import load
+    from vflowopt.vqa.model import load
 
     src, out = Path(args.model), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

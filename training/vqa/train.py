@@ -2,14 +2,16 @@
 
 Usage::
 
-    python -m vflowopt.vqa.train --out runs/vqa --steps 20000 [--resume] [--device cpu|cuda] [--seed 0]
+    python -m training.vqa.train --out runs/vqa --steps 20000 [--resume] [--device cpu|cuda] [--seed 0]
         [--log FILE] [--batch 16] [--preset base] [--workers 0] [--threads N] ...
 
 Outputs in ``--out``:
 
 * ``checkpoint.pt`` - everything needed to resume: model + auxiliary heads, optimizer, step, RNG states,
   the arguments, the stage flags and the learning-curve history (written atomically every
-  ``--save-every`` steps and at the end).
+  ``--save-every`` steps and at the end). Tensors and plain data only (the RNG states of Python and numpy as
+  lists / dicts of ints): it is read back with ``torch.load(weights_only=True)``
+  (:func:`training.vqa.common.load_checkpoint`), like every other checkpoint these scripts read.
 * ``--max-minutes M`` stops cleanly (checkpoint saved) after M minutes of wall clock, for machines that
   run one command for a limited time; ``--resume`` continues.
 * ``model/`` - the Hugging Face folder (``save_pretrained``: model + processor, no auxiliary heads), written
@@ -37,7 +39,7 @@ The recipe (see ``docs/vqa.md`` and ``../shared/reference/tiny-training.md``, tr
   then ``--easy-mix`` of easy scenes mixed in.
 * question-first only: ``--match-weight`` (the LM stage's match probe kept) and ``--attn-weight`` (two heads
   of ``--attn-layer`` taught to attend from the answer position to the objects the question is about:
-  :mod:`vflowopt.vqa.attn_supervision`).
+  :mod:`training.vqa.attn_supervision`).
 
 The auxiliary heads are not part of the saved model.
 """
@@ -46,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -59,53 +60,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import scenes as S
-from .attn_supervision import AttentionTap, attention_loss
-from .model import build_model, num_parameters, rescale_projector, save
-
-CLIP_MEAN = np.asarray([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
-CLIP_STD = np.asarray([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
-DEFAULT_TYPE_WEIGHTS = "exists=1,colour=1.5,count=1.2,position=1,digit=2"
-
+from training.vqa.attn_supervision import AttentionTap, attention_loss
+from training.vqa.common import (
+    DEFAULT_TYPE_WEIGHTS,
+    AuxHeads,
+    encode_qa,
+    explicit_flags,
+    load_checkpoint,
+    match_stats,
+    parse_type_weights,
+    pixel_values,
+    restore_recipe,
+    save_checkpoint,
+    warm_cosine,
+)
+from training.vqa.pretrain import symbolic_from_state
+from vflowopt.vqa import scenes as S
+from vflowopt.vqa.model import QUESTION_FIRST_TEMPLATE, build_model, load, num_parameters, rescale_projector, save
 
 # ----------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------
-
-
-def pixel_values(image) -> torch.Tensor:
-    """CLIP-normalised ``(3, H, W)`` tensor; equals ``LlavaImageProcessorPil`` for a 224 x 224 picture."""
-    arr = np.asarray(image, dtype=np.float32) / 255.0
-    arr = (arr - CLIP_MEAN) / CLIP_STD
-    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
-
-
-def encode_qa(tokenizer, qa: list[dict[str, str]], n_image_tokens: int,
-              question_first: bool = False) -> tuple[list[int], list[int], list[int]]:
-    """Token ids, labels (-100 except answers and their ``</s>``) and per-token question-type index (-1 where
-    no answer), in the chat template's multi-turn format: ``<s>USER: <image>*N\\n q1 ASSISTANT: a1 </s>
-    USER: q2 ASSISTANT: a2 </s> ...``; with ``question_first`` (one question) ``<s>USER: q <image>*N
-    ASSISTANT: a </s>``, the layout of :data:`vflowopt.vqa.model.QUESTION_FIRST_TEMPLATE`."""
-    vocab = tokenizer.get_vocab()
-    user = [vocab["USER"], vocab[":"]]
-    assistant = [vocab["ASSISTANT"], vocab[":"]]
-    image = [vocab["<image>"]] * n_image_tokens
-    if question_first and len(qa) != 1:
-        raise ValueError(f"question-first sequences hold one question, got {len(qa)}")
-    ids = [tokenizer.bos_token_id, *user] + ([] if question_first else image)
-    labels = [-100] * len(ids)
-    types = [-1] * len(ids)
-    for k, item in enumerate(qa):
-        q = [vocab[w] for w in item["question"].split()]
-        prefix = (user if k else []) + q + (image if question_first else []) + assistant
-        ids += prefix
-        labels += [-100] * len(prefix)
-        types += [-1] * len(prefix)
-        answer = vocab[item["answer"]]
-        ids += [answer, tokenizer.eos_token_id]
-        labels += [answer, tokenizer.eos_token_id]
-        types += [S.QUESTION_TYPES.index(item["type"]), -1]
-    return ids, labels, types
 
 
 class StepBatches(torch.utils.data.Dataset):
@@ -123,16 +98,6 @@ class StepBatches(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         step = self.start + i
         return make_batch(self.tokenizer, self.args, step, self.weights)
-
-
-def parse_type_weights(text: str) -> tuple[float, ...]:
-    weights = dict.fromkeys(S.QUESTION_TYPES, 1.0)
-    for part in filter(None, text.split(",")):
-        key, value = part.split("=")
-        if key not in weights:
-            raise ValueError(f"unknown question type {key!r} in --type-weights")
-        weights[key] = float(value)
-    return tuple(weights[t] for t in S.QUESTION_TYPES)
 
 
 def scene_config_for(args, step: int, index: int) -> S.SceneConfig:
@@ -180,16 +145,6 @@ def make_batch(tokenizer, args, step: int, weights=None) -> dict[str, torch.Tens
     return batch
 
 
-def match_stats(match_logits: torch.Tensor, referent: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss of the match probe (``(tokens, 3)`` logits against :func:`scenes.referents` labels) and its logs:
-    the loss and the recall on the patches a question is about."""
-    match_logits, referent = match_logits.float().reshape(-1, 3), referent.reshape(-1)
-    loss = F.cross_entropy(match_logits, referent)
-    hit = referent > 0
-    recall = (match_logits.argmax(-1)[hit] == referent[hit]).float().mean()
-    return loss, {"match_loss": float(loss.detach()), "match_recall": float(recall)}
-
-
 def forward_answers(model, taps, batch, tap_layer: int | None = None):
     """Logits of every sequence of ``batch``; each picture goes through the vision tower once, also when several
     sequences (question-first layout) share it (``batch["scene_index"]``: the picture of each sequence). With
@@ -208,48 +163,8 @@ def forward_answers(model, taps, batch, tap_layer: int | None = None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Auxiliary heads (training only)
+# Hooks (training only)
 # ----------------------------------------------------------------------------------------------------------
-
-
-class AuxHeads(nn.Module):
-    """Per-patch classifier on the feature tokens and a CLS classifier on the pooled output."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.patch_sizes = dict(S.PATCH_CLASSES)
-        self.patch = nn.Linear(dim, sum(self.patch_sizes.values()))
-        self.n_present = len(S.COLOURS) * len(S.SHAPES)
-        self.n_counts = len(S.COUNT_WORDS)
-        self.cls = nn.Sequential(
-            nn.Linear(dim, dim), nn.GELU(),
-            nn.Linear(dim, self.n_present + len(S.SHAPES) * self.n_counts + 11),
-        )
-
-    def forward(self, patches: torch.Tensor, pooled: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        logs: dict[str, float] = {}
-        logits = self.patch(patches).split(list(self.patch_sizes.values()), dim=-1)
-        loss = patches.new_zeros(())
-        on_object = batch["patch_colour"] > 0
-        for (key, _), lg in zip(self.patch_sizes.items(), logits):
-            target = batch[f"patch_{key}"]
-            loss = loss + F.cross_entropy(lg.flatten(0, 1), target.flatten())
-            mask = batch["patch_digit"] > 0 if key == "digit" else on_object
-            if key != "centre" and mask.any():
-                logs[f"patch_acc_{key}"] = float((lg.argmax(-1) == target)[mask].float().mean())
-        out = self.cls(pooled)
-        present, counts, digit = out.split([self.n_present, len(S.SHAPES) * self.n_counts, 11], dim=-1)
-        counts = counts.view(-1, len(S.SHAPES), self.n_counts)
-        cls_loss = (
-            F.binary_cross_entropy_with_logits(present, batch["scene_present"])
-            + F.cross_entropy(counts.flatten(0, 1), batch["scene_shape_count"].flatten())
-            + F.cross_entropy(digit, batch["scene_digit"])
-        )
-        logs["cls_acc_count"] = float((counts.argmax(-1) == batch["scene_shape_count"]).float().mean())
-        logs["cls_acc_digit"] = float((digit.argmax(-1) == batch["scene_digit"]).float().mean())
-        logs["cls_loss"] = float(cls_loss.detach())
-        logs["patch_loss"] = float(loss.detach())
-        return loss, cls_loss, logs
 
 
 class Taps:
@@ -281,16 +196,6 @@ class Taps:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def warm_cosine(step: int, start: int, end: int, warmup: int, min_frac: float) -> float:
-    """Learning-rate multiplier: linear warm-up from ``start``, then cosine down to ``min_frac`` at ``end``."""
-    s = step - start
-    length = max(1, end - start)
-    if s < warmup:
-        return (s + 1) / warmup
-    progress = min(1.0, (s - warmup) / max(1, length - warmup))
-    return min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def lr_factors(args, step: int) -> tuple[float, float]:
     """Multipliers ``(vision + aux heads, projector + LM)`` of the base learning rates at ``step``."""
     total = args.steps
@@ -311,7 +216,7 @@ def lr_factors(args, step: int) -> tuple[float, float]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m vflowopt.vqa.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m training.vqa.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="run folder (checkpoint.pt, model/, train.log)")
     p.add_argument("--steps", type=int, required=True, help="total optimisation steps of the run")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
@@ -342,7 +247,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scale-weight", type=float, default=0.1)
     p.add_argument("--scale-target", type=float, default=1.0)
     p.add_argument("--init", default=None,
-                   help="start from a `python -m vflowopt.vqa.pretrain connect` folder (model/, aux.pt, "
+                   help="start from a `python -m training.vqa.pretrain connect` folder (model/, aux.pt, "
                         "symbolic.pt) instead of random weights; the projector is not rescaled")
     p.add_argument("--align-weight", type=float, default=0.0,
                    help="with --init: weight of the loss keeping projected image tokens on the symbolic tokens "
@@ -355,7 +260,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "probe's loss during fine-tuning (0: off)")
     p.add_argument("--attn-weight", type=float, default=0.0,
                    help="question-first: weight of the attention supervision of the answer position "
-                        "(vflowopt.vqa.attn_supervision; 0: off)")
+                        "(training.vqa.attn_supervision; 0: off)")
     p.add_argument("--attn-layer", type=int, default=3,
                    help="LM layer (0-based) whose first two heads --attn-weight supervises")
     p.add_argument("--log-every", type=int, default=25)
@@ -378,32 +283,24 @@ RESUME_KEEP = ("out", "steps", "resume", "device", "log", "log_every", "save_eve
                "workers", "threads", "amp", "max_minutes")
 
 
-def explicit_flags(parser: argparse.ArgumentParser, argv) -> list[str]:
-    """Destinations of the options written on the command line (``argv``, or ``sys.argv[1:]``)."""
-    given = sys.argv[1:] if argv is None else list(argv)
-    return sorted({a.dest for a in parser._actions
-                   if any(tok == o or tok.startswith(o + "=") for o in a.option_strings for tok in given)})
-
-
-def restore_recipe(args: argparse.Namespace, saved: dict[str, Any], keep: tuple[str, ...]) -> dict[str, Any]:
-    """On resume the recipe comes from the checkpoint (``saved``) and run control (``keep``) from now; recipe
-    flags given explicitly on the command line are deliberate changes: kept, and returned to be logged."""
-    explicit = set(getattr(args, "explicit", []))
-    changed = {k: getattr(args, k) for k in sorted(explicit)
-               if k not in keep and (k not in saved or saved[k] != getattr(args, k))}
-    for key, value in saved.items():
-        if key not in keep and key not in changed and key != "explicit" and hasattr(args, key):
-            setattr(args, key, value)
-    return changed
-
-
 def _log(path: Path, record: dict[str, Any]) -> None:
     with path.open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(record) + "\n")
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every RNG's state as tensors and plain data (readable with ``weights_only=True``): torch's (and CUDA's)
+    as their uint8 tensors, Python's ``random`` as ``[version, [625 ints], gauss]``, numpy's global generator as
+    its ``bit_generator`` state dict with the key as a list of ints."""
+    version, internal, gauss = random.getstate()
+    legacy = np.random.get_state(legacy=False)
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": [version, list(internal), gauss],
+        "numpy": {"bit_generator": str(legacy["bit_generator"]),
+                  "state": {"key": legacy["state"]["key"].tolist(), "pos": int(legacy["state"]["pos"])},
+                  "has_gauss": int(legacy["has_gauss"]), "gauss": float(legacy["gauss"])},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -411,13 +308,17 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = state["numpy"]
+    np.random.set_state({**numpy_state, "state": {**numpy_state["state"],
+                                                  "key": np.asarray(numpy_state["state"]["key"], dtype=np.uint32)}})
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _save_checkpoint(out: Path, model, aux, opt, step: int, args, flags, history, processor, match=None) -> None:
+    """``OUT/checkpoint.pt`` (tensors and plain data: ``torch.load(weights_only=True)`` reads it) and ``OUT/model``."""
     state = {
         "step": step,
         "model": model.state_dict(),
@@ -429,17 +330,13 @@ def _save_checkpoint(out: Path, model, aux, opt, step: int, args, flags, history
         "flags": flags,
         "history": history,
     }
-    tmp = out / "checkpoint.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, out / "checkpoint.pt")
+    save_checkpoint(state, out / "checkpoint.pt")
     save(model, processor, out / "model")
 
 
 def _init_layout(folder: Path) -> bool:
     """Whether the ``connect`` folder's processor puts the question before the picture."""
     from transformers import AutoProcessor
-
-    from .model import QUESTION_FIRST_TEMPLATE
 
     if not (folder / "model" / "config.json").is_file():
         return False  # _load_init says what is missing
@@ -449,17 +346,15 @@ def _init_layout(folder: Path) -> bool:
 
 def _load_init(folder: Path, model, aux) -> nn.Module | None:
     """Weights from a ``pretrain connect`` folder; returns its symbolic-token module (or ``None``)."""
-    from .model import load
-    from .pretrain import symbolic_from_state
-
     if not (folder / "model" / "config.json").is_file():
-        raise SystemExit(f"--init: no {folder / 'model'} (expected a `python -m vflowopt.vqa.pretrain connect` folder)")
+        raise SystemExit(f"--init: no {folder / 'model'} (expected a `python -m training.vqa.pretrain connect` "
+                         "folder)")
     model.load_state_dict(load(folder / "model")[0].state_dict())
     if (folder / "aux.pt").is_file():
-        aux.load_state_dict(torch.load(folder / "aux.pt", map_location="cpu"))
+        aux.load_state_dict(load_checkpoint(folder / "aux.pt", "--init"))
     if not (folder / "symbolic.pt").is_file():
         return None
-    symbolic = symbolic_from_state(torch.load(folder / "symbolic.pt", map_location="cpu"),
+    symbolic = symbolic_from_state(load_checkpoint(folder / "symbolic.pt", "--init"),
                                    model.config.text_config.hidden_size)
     return symbolic.requires_grad_(False)
 
@@ -478,7 +373,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         path = out / "checkpoint.pt"
         if not path.exists():
             raise SystemExit(f"--resume: no checkpoint at {path}")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(path, "--resume")
         changed = restore_recipe(args, ckpt["args"], RESUME_KEEP)
 
     torch.manual_seed(args.seed)
@@ -492,7 +387,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     vision_ids = {id(p) for p in model.model.vision_tower.parameters()}
     match, match_layer = None, 0
     if args.init and (Path(args.init) / "match.pt").is_file():  # the LM stage's match probe
-        saved = torch.load(Path(args.init) / "match.pt", map_location="cpu")
+        saved = load_checkpoint(Path(args.init) / "match.pt", "--init")
         match, match_layer = nn.Linear(model.config.text_config.hidden_size, 3), int(saved["layer"])
         match.load_state_dict(saved["state"])
     if args.match_weight > 0 and match is None:
@@ -645,7 +540,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             acc = {}
             window = {"t": now, "steps": 0}
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-            from .evaluate import evaluate_full
+            from vflowopt.vqa.evaluate import evaluate_full
 
             model.eval()
             result = evaluate_full(model, processor, n=args.eval_n, seed=args.seed, split="val")

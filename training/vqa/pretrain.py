@@ -8,11 +8,11 @@ steps (``../shared/reference/tiny-training.md``). Here each half learns on a che
              sum of learned embeddings of its ground-truth classes (colour, shape, digit, object centre) and of
              its row and column (:class:`SymbolicTokens`), lightly corrupted so the LM tolerates an imperfect
              vision side. No rendering and no vision tower: several times cheaper per step than joint training.
-``vision``   the vision tower alone, with the per-patch and CLS heads of :mod:`vflowopt.vqa.train`
+``vision``   the vision tower alone, with the per-patch and CLS heads of :mod:`training.vqa.train`
              (rendered scenes, no LM).
 ``connect``  the projector is fitted (vision frozen) to map vision features onto the symbolic tokens the LM
              was trained on, and the three parts are saved as one stock LLaVA folder for
-             ``python -m vflowopt.vqa.train --init DIR`` (joint fine-tuning on real pictures).
+             ``python -m training.vqa.train --init DIR`` (joint fine-tuning on real pictures).
 
 Options of ``lm`` that the shipped model uses (off by default; ``docs/vqa.md`` has the measurements):
 ``--question-first`` (one question per sequence, before the image tokens, so every image token can attend
@@ -21,7 +21,8 @@ about: dense supervision inside the LM), ``--word-tokens`` / ``--position-words`
 LM's own word embeddings of their class names and of left/right/above/below).
 
 ``lm`` and ``vision`` are independent and can run side by side (one thread each on a 2-core machine).
-Each writes ``OUT/stage.pt`` (weights, optimizer, step, RNG, args) every ``--save-every`` steps, resumes with
+Each writes ``OUT/stage.pt`` (weights, optimizer, step, RNG, args: tensors and plain data, read back with
+``torch.load(weights_only=True)``) every ``--save-every`` steps, resumes with
 ``--resume`` (recipe from the checkpoint; recipe flags given explicitly are logged changes), and logs JSON
 lines to ``OUT/train.log``. Batches are pure functions of ``(seed, step)``.
 """
@@ -31,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -43,19 +43,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import scenes as S
-from .model import build_model, save
-from .train import (
+from training.vqa.common import (
     DEFAULT_TYPE_WEIGHTS,
     AuxHeads,
     encode_qa,
     explicit_flags,
+    load_checkpoint,
     match_stats,
     parse_type_weights,
     pixel_values,
     restore_recipe,
+    save_checkpoint,
     warm_cosine,
 )
+from vflowopt.vqa import scenes as S
+from vflowopt.vqa.model import build_model, save
 
 GRID = 16
 RESUME_KEEP = ("stage", "out", "steps", "resume", "log_every", "save_every", "threads", "max_minutes")
@@ -320,11 +322,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ckpt_path = out / "stage.pt"
     ckpt = None
     if args.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(ckpt_path, "--resume")
         changed = restore_recipe(args, ckpt["args"], RESUME_KEEP)  # explicit recipe flags: logged changes
     lm_state = None
     if args.stage == "connect":  # the LM's prompt layout decides the saved processor's chat template
-        lm_state = torch.load(Path(args.lm) / "stage.pt", map_location="cpu", weights_only=False)
+        lm_state = load_checkpoint(Path(args.lm) / "stage.pt", "connect --lm")
         args.question_first = bool(lm_state["args"].get("question_first", False))
     model, processor = build_model(args.preset, seed=args.seed, question_first=args.question_first)
     dim_v, dim_t = model.config.vision_config.hidden_size, model.config.text_config.hidden_size
@@ -338,7 +340,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     parts = _modules(args.stage, model, dim_v, dim_t, word_ids, args.ordered_positions, pos_ids)
     symbolic = None
     if args.stage == "connect":
-        vis_state = torch.load(Path(args.vision) / "stage.pt", map_location="cpu", weights_only=False)
+        vis_state = load_checkpoint(Path(args.vision) / "stage.pt", "connect --vision")
         model.model.language_model.load_state_dict(lm_state["parts"]["lm"])
         model.lm_head.load_state_dict(lm_state["parts"]["lm_head"])
         symbolic = symbolic_from_state(lm_state["parts"]["symbolic"], dim_t)
@@ -430,24 +432,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if step % args.save_every == 0 or done or timed_out:
             state = {"step": step, "parts": {k: m.state_dict() for k, m in parts.items()},
                      "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "args": vars(args)}
-            torch.save(state, out / "stage.pt.tmp")
-            os.replace(out / "stage.pt.tmp", ckpt_path)
+            save_checkpoint(state, ckpt_path)
         if timed_out:
             _log(log_path, {"kind": "event", "event": "time_limit", "step": step})
             break
-    if args.stage == "connect":  # the starting point of `python -m vflowopt.vqa.train --init OUT`
+    if args.stage == "connect":  # the starting point of `python -m training.vqa.train --init OUT`
         save(model, processor, out / "model")
-        torch.save(vis_state["parts"]["aux"], out / "aux.pt")
-        torch.save(symbolic.state_dict(), out / "symbolic.pt")
+        save_checkpoint(vis_state["parts"]["aux"], out / "aux.pt")
+        save_checkpoint(symbolic.state_dict(), out / "symbolic.pt")
         if lm_state["args"].get("match_weight", 0) > 0:  # the match probe, for joint fine-tuning
-            torch.save({"state": lm_state["parts"]["match"], "layer": lm_state["args"]["match_layer"]},
-                       out / "match.pt")
+            save_checkpoint({"state": lm_state["parts"]["match"], "layer": lm_state["args"]["match_layer"]},
+                            out / "match.pt")
     _log(log_path, {"kind": "event", "event": "end", "step": step, "elapsed_s": time.time() - t0})
     return {"step": step}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m vflowopt.vqa.pretrain", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m training.vqa.pretrain", description=__doc__.split("\n\n")[0])
     p.add_argument("stage", choices=("lm", "vision", "connect"))
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, required=True)

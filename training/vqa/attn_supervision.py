@@ -26,7 +26,7 @@ import sys
 
 import torch
 
-from . import scenes as S
+from vflowopt.vqa import scenes as S
 
 __all__ = ["AttentionTap", "answer_positions", "attention_targets", "attention_loss"]
 
