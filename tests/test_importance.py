@@ -7,7 +7,7 @@ import math
 import torch
 
 from vflowopt.methods.vflowopt import calibrated_attention
-from vflowopt.runtime.recycle import grid_cells, select_with_recycling
+from vflowopt.ops.recycle import grid_cells, select_with_recycling
 from vflowopt.signals.entropy import entropy_of_levels, grey_levels, patch_entropy
 
 

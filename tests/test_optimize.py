@@ -207,13 +207,14 @@ def test_bad_api_input(tiny, samples, tmp_path, monkeypatch):
         _run(model, samples, trials=1, storage="nosuchdriver://x")
 
     # a method without a search space cannot be optimized
-    from vflowopt import config as config_module
+    from vflowopt import registry
 
     @dataclasses.dataclass
     class NoSpaceConfig(vflowopt.PruneConfig):
-        pass
+        def resolve(self, adapter):
+            return self
 
-    monkeypatch.setitem(config_module._REGISTRY, "nospace", (NoSpaceConfig, object))
+    monkeypatch.setitem(registry._REGISTRY, "nospace", (NoSpaceConfig, object))
     monkeypatch.setattr(NoSpaceConfig, "method", "nospace")
     with pytest.raises(vflowopt.ConfigError, match="declares no search space"):
         _run(model, samples, trials=1, method="nospace")

@@ -7,8 +7,11 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from .config import ConfigError, PruneConfig, method_entry
+from .config import PruneConfig
+from .errors import ConfigError
+from .methods.base import PruningMethod
 from .models.base import adapter_for
+from .registry import method_entry
 from .runtime.engine import PruningEngine
 from .runtime.stats import PruneStats
 
@@ -35,6 +38,11 @@ class PruneHandle:
     @property
     def stats(self) -> PruneStats:
         return self._engine.stats
+
+    @property
+    def method(self) -> PruningMethod:
+        """The method instance doing the selection (its declarations: layers scored, signals used)."""
+        return self._engine.method
 
     @property
     def active(self) -> bool:
@@ -80,9 +88,9 @@ def prune(model: nn.Module, config: PruneConfig) -> PruneHandle:
             f"{adapter.num_llm_layers}"
         )
     _, method_cls = method_entry(config.method)
-    resolved = config.resolve(adapter) if hasattr(config, "resolve") else config
+    resolved = config.resolve(adapter)
     method = method_cls(resolved, adapter)
-    engine = PruningEngine(model, adapter, method, positions=getattr(resolved, "positions", "keep"))
+    engine = PruningEngine(model, adapter, method, positions=resolved.positions)
     engine.attach()
     handle = PruneHandle(model, resolved, engine)
     model.__dict__[_HANDLE_ATTR] = handle  # plain attribute: not a submodule, parameter or buffer

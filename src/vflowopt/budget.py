@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .config import ConfigError
+from .errors import ConfigError
 
 
 def default_stage_layers(num_layers: int) -> tuple[int, int]:

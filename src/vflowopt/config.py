@@ -1,11 +1,14 @@
-"""Method configs and the registry that maps method names to them.
+"""The config contract every method's config follows, and reading configs by method name.
 
-Every method has one dataclass config; configs round-trip through JSON so a strategy found by
-`optimize` (or tuned by hand) can be saved, shared and re-applied with `prune()` or the CLI.
+Every method has one dataclass config, subclass of `PruneConfig`: validated when it is built (types from
+the annotations, ranges in `validate()`), resolved against a model by `resolve(adapter)` (every field
+explicit), and round-tripped through JSON so a strategy found by `optimize` (or tuned by hand) can be
+saved, shared and re-applied with `prune()` or the CLI. The name -> class table is registry.py.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import math
@@ -17,23 +20,26 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .errors import ConfigError
+from .registry import available_methods, method_entry, register_method
 
-__all__ = ["ConfigError", "PruneConfig", "available_methods", "config_for", "load_config", "register_method"]
+__all__ = ["ConfigError", "PruneConfig", "available_methods", "config_for", "load_config", "register_method",
+           "method_entry"]
 
 SCHEMA_VERSION = 1
 
-_REGISTRY: dict[str, tuple[type[PruneConfig], type]] = {}
-
 
 @dataclasses.dataclass
-class PruneConfig:
-    """Base of every method config.
+class PruneConfig(abc.ABC):
+    """Base of every method config: the contract the runtime, the optimizer and the CLI rely on.
 
     `budget` is the average fraction of the prunable visual tokens present over all LLM layers
-    (VFlowOpt eq. 5); it is the one unit every method is measured in.
+    (VFlowOpt eq. 5); it is the one unit every method is measured in. A subclass adds its fields, may
+    extend `validate()` (model-independent checks, run at construction), and must implement
+    `resolve(adapter)`. `positions` is "keep" unless the config declares it as a field.
     """
 
-    method: ClassVar[str] = ""
+    method: ClassVar[str] = ""  # set by registry.register_method
+    positions = "keep"  # "keep" the original position ids or "compact" them; a field where a method offers both
 
     budget: float | None = None
     # Recorded by `save()` when a config was resolved against a model, checked on `prune()`.
@@ -49,6 +55,20 @@ class PruneConfig:
         """Checks that do not need a model; run at construction, so every field is already type-checked."""
         if self.budget is not None:
             check_fraction("budget", self.budget, allow_zero=False)
+
+    @abc.abstractmethod
+    def resolve(self, adapter: Any) -> PruneConfig:
+        """This config with every model-dependent field made explicit for the model behind `adapter`
+        (a `models.base.ModelAdapter`); a ConfigError when the model cannot meet it."""
+
+    @classmethod
+    def search_space(cls, budget: float, num_layers: int, *, stage_layers: tuple[int, ...] | None = None,
+                     grid_side: int | None = None) -> Any:
+        """The box `optimize` searches (a `vflowopt.spaces.SearchSpace`); by default none."""
+        raise ConfigError(
+            f"method '{cls.method}' declares no search space, so it cannot be optimized; give its config class "
+            "a classmethod search_space(budget, num_layers, ...) returning a vflowopt.spaces.SearchSpace"
+        )
 
     # -- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -182,25 +202,6 @@ def _describe(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def register_method(name: str, config_cls: type[PruneConfig], method_cls: type) -> None:
-    """Adds a method to the registry; each file in methods/ calls it once for its own method."""
-    config_cls.method = name
-    _REGISTRY[name] = (config_cls, method_cls)
-
-
-def available_methods() -> list[str]:
-    """Names accepted by `config_for`, `load_config` and the CLI's --method."""
-    _ensure_builtin_methods()
-    return sorted(_REGISTRY)
-
-
-def method_entry(name: str) -> tuple[type[PruneConfig], type]:
-    _ensure_builtin_methods()
-    if not isinstance(name, str) or name not in _REGISTRY:
-        raise ConfigError(f"unknown method '{name}'; available methods: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
-
-
 def config_for(name: str, **kwargs: Any) -> PruneConfig:
     """The config of method `name`, e.g. `config_for("vflowopt", budget=0.1)`."""
     config_cls, _ = method_entry(name)
@@ -229,8 +230,3 @@ def load_config(path: str | os.PathLike) -> PruneConfig:
         )
     config_cls, _ = method_entry(data["method"])
     return config_cls.from_dict(data)
-
-
-def _ensure_builtin_methods() -> None:
-    # Importing the methods package registers the built-in methods.
-    from . import methods  # noqa: F401

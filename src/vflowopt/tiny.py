@@ -232,7 +232,7 @@ def _instantiate(model_cls, config, seed: int, attn_implementation: str):
 
 
 @functools.lru_cache(maxsize=1)
-def _onevision_processor_class():
+def onevision_processor_class():
     """A ``LlavaOnevisionProcessor`` subclass that tolerates ``video_processor=None``.
 
     Why: ``ProcessorMixin.__init__`` type-checks every sub-processor slot via
@@ -247,7 +247,7 @@ def _onevision_processor_class():
     from transformers import LlavaOnevisionProcessor
 
     class TinyLlavaOnevisionProcessor(LlavaOnevisionProcessor):
-        __doc__ = _onevision_processor_class.__doc__
+        __doc__ = onevision_processor_class.__doc__
 
         def check_argument_for_proper_class(self, argument_name, argument):
             if argument is None and argument_name == "video_processor":
@@ -266,7 +266,7 @@ def tiny_llava_onevision(attn_implementation: str = "sdpa", seed: int = 0, num_l
     heads, vocab 384). ``image_grid_pinpoints`` are ``{56,112}^2`` so images larger than 56 px get anyres
     crops; ``vision_aspect_ratio="anyres_max_9"``, ``vision_feature_layer=-1``, strategy ``"full"``.
 
-    The processor is a :func:`_onevision_processor_class` instance (``LlavaOnevisionProcessor`` that
+    The processor is a :func:`onevision_processor_class` instance (``LlavaOnevisionProcessor`` that
     tolerates the missing video processor) around ``LlavaOnevisionImageProcessorPil`` (56 px, SigLIP
     mean/std 0.5) and :func:`tiny_tokenizer` (``style="chatml"``).
 
@@ -295,7 +295,7 @@ def tiny_llava_onevision(attn_implementation: str = "sdpa", seed: int = 0, num_l
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
     )
-    processor_cls = _onevision_processor_class()
+    processor_cls = onevision_processor_class()
     processor = processor_cls(
         image_processor=image_processor,
         tokenizer=tokenizer,

@@ -3,7 +3,7 @@
 Like :mod:`vflowopt.tiny`: configs built in code, seeded random weights, the shared byte-level BPE
 tokenizer (``<image>`` is id 5, ``<video>`` id 6) and the pure-PIL image processors; nothing touches a
 model hub. Processors with a ``video_processor`` slot are built through a subclass that accepts
-``video_processor=None`` (torchvision is unusable here; see :func:`vflowopt.tiny._onevision_processor_class`),
+``video_processor=None`` (torchvision is unusable here; see :func:`vflowopt.tiny.onevision_processor_class`),
 so only images and text are supported by these tiny processors.
 
 * :func:`tiny_llava_next` - CLIP (56 px, 14 px patches, CLS) + Llama, anyres pinpoints ``{56,112}^2``.
@@ -46,7 +46,7 @@ def _text_config(tokenizer, num_layers: int, mrope: bool) -> dict:
 
 
 @functools.cache
-def _no_video_processor_class(base_name: str):
+def no_video_processor_class(base_name: str):
     """A subclass of ``transformers.<base_name>`` that tolerates ``video_processor=None``."""
     import transformers
 
@@ -125,7 +125,7 @@ def _qwen_processor(processor_name: str, patch_size: int, mean, std, tokenizer, 
         image_mean=list(mean),
         image_std=list(std),
     )
-    cls = _no_video_processor_class(processor_name)
+    cls = no_video_processor_class(processor_name)
     return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
                chat_template=CHATML_CHAT_TEMPLATE)
 

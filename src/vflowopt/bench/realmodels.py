@@ -91,8 +91,8 @@ def offline_processor(config, name: str | None = None):
     pinpoints) and the family's usual defaults (CLIP mean/std for CLIP towers, 0.5 for SigLIP, Qwen's
     pixel limits).
     """
-    from ..tiny import CHATML_CHAT_TEMPLATE, LLAVA_CHAT_TEMPLATE, _onevision_processor_class, tiny_tokenizer
-    from ..tiny_families import _no_video_processor_class
+    from ..tiny import CHATML_CHAT_TEMPLATE, LLAVA_CHAT_TEMPLATE, onevision_processor_class, tiny_tokenizer
+    from ..tiny_families import no_video_processor_class
 
     model_type = config.model_type
     settings = _processor_settings(config, name)
@@ -138,7 +138,7 @@ def offline_processor(config, name: str | None = None):
             ip = LlavaOnevisionImageProcessorPil(size={"height": side, "width": side},
                                                  image_grid_pinpoints=copy.deepcopy(config.image_grid_pinpoints),
                                                  image_mean=mean, image_std=std)
-            proc = _onevision_processor_class()(
+            proc = onevision_processor_class()(
                 image_processor=ip, tokenizer=tok, video_processor=None,
                 num_image_tokens=(side // int(vision.patch_size)) ** 2,
                 vision_feature_select_strategy=config.vision_feature_select_strategy,
@@ -162,7 +162,7 @@ def offline_processor(config, name: str | None = None):
             image_std=settings.get("image_std", _CLIP_STD if model_type != "qwen3_vl" else [0.5] * 3))
         base = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
                 "qwen3_vl": "Qwen3VLProcessor"}[model_type]
-        proc = _no_video_processor_class(base)(image_processor=ip, tokenizer=tok, video_processor=None,
+        proc = no_video_processor_class(base)(image_processor=ip, tokenizer=tok, video_processor=None,
                                                chat_template=CHATML_CHAT_TEMPLATE)
     else:
         raise ConfigError(f"cannot build an offline processor for model type '{model_type}'")

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..version import __version__
 from .run import REFERENCE, BenchRecord
 
 __all__ = [
@@ -78,7 +79,6 @@ def bench_meta(model, *, model_name: str, device: str, random_weights: bool, new
     import torch
     import transformers
 
-    from .. import __version__
     from .memory import cpu_peak_method
 
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..api import active_handle, prune
 from ..config import ConfigError, available_methods, check_fraction, config_for
 from ..models.base import adapter_for
 from ..runtime.compat import cache_from_output
@@ -353,9 +354,7 @@ def run_bench(
     if int(inputs["input_ids"].shape[0]) != 1:
         raise ConfigError(f"run_bench measures one sample; inputs have batch size {inputs['input_ids'].shape[0]}")
 
-    from .. import api
-
-    if api.active_handle(model) is not None:
+    if active_handle(model) is not None:
         raise ConfigError("the model already has pruning attached; remove it before benchmarking")
     config = model.config
     runner = _Runner(model, inputs, new_tokens, repeats, warmup)
@@ -405,8 +404,6 @@ def run_bench(
             rec = BenchRecord(method=method, budget=budget, fidelity_meaningful=not random_weights)
             handle = None
             try:
-                from ..api import prune
-
                 handle = prune(model, config_for(method, budget=budget))
                 got = runner.measure(rec, handle)
                 stats = got.get("stats")
@@ -420,8 +417,7 @@ def run_bench(
                     rec.kv_tokens_per_layer = list(ref.kv_tokens_per_layer)
                     rec.visual_tokens, rec.prompt_tokens = ref.visual_tokens, ref.prompt_tokens
                     rec.tokens_into_llm, rec.mean_retention = ref.tokens_into_llm, 1.0
-                layer = getattr(getattr(handle, "_engine", None), "method", None)
-                layer = getattr(layer, "vision_attention_layer", None)
+                layer = handle.method.vision_attention_layer if handle is not None else None
                 f = prefill_flops(config, work, rec.kv_tokens_per_layer, scoring_vision_layer=layer)
                 rec.prefill_flops, rec.vision_flops = f["total"], f["vision"]
                 rec.llm_flops, rec.scoring_flops = f["llm"], f["scoring"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from ..version import __version__
 from .bench import _add_bench
 from .common import (
     CLIError,
@@ -31,7 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vflowopt",
         description="Visual-token pruning for Hugging Face transformers multimodal models.",
     )
-    from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

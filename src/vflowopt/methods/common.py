@@ -8,8 +8,8 @@ import math
 import torch
 
 from ..budget import keep_count
-from ..config import ConfigError, PruneConfig
-from ..errors import PruningError
+from ..config import PruneConfig
+from ..errors import ConfigError, PruningError
 from ..models.base import ModelAdapter, VisualTokens
 from ..signals.llm_attention import attention_rows
 from .base import PrefillContext, PruningMethod, topk_per_group

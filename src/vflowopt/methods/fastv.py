@@ -22,8 +22,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ..config import ConfigError, PruneConfig, check_fraction, register_method
+from ..config import PruneConfig, check_fraction
+from ..errors import ConfigError
 from ..models.base import ModelAdapter
+from ..registry import register_method
+from ..spaces import Candidate, Dim, SearchSpace
 from .common import (
     LastTokenAttentionMethod,
     check_layer_int,
@@ -76,8 +79,6 @@ class FastVConfig(PruneConfig):
         """One integer dimension, K ∈ [1, min(L − 1, ⌊B·L⌋)] (beyond ⌊B·L⌋ the budget is spent before
         the cut); the kept fraction is solved from the budget. On a model with a later first pruning
         layer (Qwen3-VL) narrow the box with `space.with_bounds(K=(first, ...))`."""
-        from ..search.space import Candidate, Dim, SearchSpace
-
         check_fraction("budget", budget, allow_zero=False)
         hi = min(num_layers - 1, int(budget * num_layers + 1e-9))
         if hi < 1:

@@ -29,8 +29,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..config import ConfigError, PruneConfig, check_fraction, register_method
+from ..config import PruneConfig, check_fraction
+from ..errors import ConfigError
 from ..models.base import ModelAdapter
+from ..registry import register_method
+from ..spaces import Candidate, Dim, SearchSpace
 from .base import PrefillContext, PruningMethod, VisionState, topk_per_group
 
 TWO_PHASE_FAMILIES = ("llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -154,8 +157,6 @@ class FlowCutConfig(PruneConfig):
     @classmethod
     def search_space(cls, budget: float, num_layers: int, *, stage_layers=None, grid_side=None):
         """history_weight ∈ [0, 0.9] (paper table 10 spans 0-0.9), prune_every ∈ {1, ..., 4} (table 11)."""
-        from ..search.space import Candidate, Dim, SearchSpace
-
         check_fraction("budget", budget, allow_zero=False)
         dims = (
             Dim("history_weight", 0.0, 0.9, help="weight of the history in the cumulative score"),

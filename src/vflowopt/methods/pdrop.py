@@ -23,8 +23,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from ..budget import schedule_mean
-from ..config import ConfigError, PruneConfig, check_fraction, register_method
+from ..config import PruneConfig, check_fraction
+from ..errors import ConfigError
 from ..models.base import ModelAdapter
+from ..registry import register_method
+from ..spaces import Candidate, Dim, SearchSpace
 from .common import LastTokenAttentionMethod, resolve_stage_layers
 
 
@@ -152,8 +155,6 @@ class PDropConfig(PruneConfig):
         """Per-stage ratios λ_1..λ_S (the paper's uniform λ is one point of the box), searched as
         shares s_1..s_{S−1} ∈ [0, 1]: λ_j sits at s_j of its feasible interval given the earlier
         ratios and λ_S is solved, so every point meets the budget (`ratios_from_shares`)."""
-        from ..search.space import Candidate, Dim, SearchSpace
-
         check_fraction("budget", budget, allow_zero=False)
         stages = tuple(stage_layers) if stage_layers is not None else default_pdrop_layers(num_layers)
         if len(stages) < 2:

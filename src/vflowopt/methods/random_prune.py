@@ -14,8 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from ..budget import keep_count
-from ..config import ConfigError, PruneConfig, register_method
+from ..config import PruneConfig
+from ..errors import ConfigError
 from ..models.base import ModelAdapter
+from ..registry import register_method
 from .base import PrefillContext, PruningMethod, Selection
 from .common import image_groups, no_search_space, validate_pre_llm
 

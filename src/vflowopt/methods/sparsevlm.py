@@ -31,9 +31,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..config import ConfigError, PruneConfig, check_fraction, register_method
+from ..config import PruneConfig, check_fraction
+from ..errors import ConfigError
 from ..models.base import ModelAdapter
+from ..registry import register_method
 from ..signals.llm_attention import attention_rows
+from ..spaces import Candidate, Dim, SearchSpace
 from .base import PrefillContext, PruningMethod, Selection
 from .common import image_counts, resolve_stage_layers, take_scores
 from .pdrop import cumulative, ratios_from_shares, solve_uniform_ratio, staged_mean
@@ -241,8 +244,6 @@ class SparseVLMConfig(PruneConfig):
         """The schedule as shares s_1..s_{S−1} ∈ [0, 1] (each stage's ratio to the previous one placed
         in its feasible interval, the last solved: every point meets the budget, see
         `pdrop.ratios_from_shares`), plus recycle_ratio ∈ [0, 0.6] and cluster_ratio ∈ [0.05, 0.5]."""
-        from ..search.space import Candidate, Dim, SearchSpace
-
         check_fraction("budget", budget, allow_zero=False)
         stages = tuple(stage_layers) if stage_layers is not None else default_sparsevlm_layers(num_layers)
         ratios_from_shares(budget, [0.0] * len(stages), stages, num_layers)  # refuses an unreachable budget

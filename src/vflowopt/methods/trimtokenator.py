@@ -22,8 +22,11 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..budget import keep_count
-from ..config import ConfigError, PruneConfig, check_fraction, register_method
+from ..config import PruneConfig, check_fraction
+from ..errors import ConfigError
 from ..models.base import ModelAdapter
+from ..registry import register_method
+from ..spaces import Candidate, Dim, SearchSpace
 from .base import PrefillContext, PruningMethod, Selection
 
 DEFAULT_STAGE1_RATIO = 0.8  # N1 = ⌊0.8·N⌋ (paper, appendix E)
@@ -54,8 +57,6 @@ class TrimTokenatorConfig(PruneConfig):
     @classmethod
     def search_space(cls, budget: float, num_layers: int, *, stage_layers=None, grid_side=None):
         """stage1_ratio ∈ [max(B, 0.5), 1] (the paper tests 0.7-0.9); below B it would have no effect."""
-        from ..search.space import Candidate, Dim, SearchSpace
-
         check_fraction("budget", budget, allow_zero=False)
         lo = min(1.0, max(float(budget), 0.5))
         dims = (Dim("stage1_ratio", lo, 1.0, help="fraction N1/N kept by cross-modal alignment"),)

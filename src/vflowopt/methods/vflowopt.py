@@ -16,9 +16,12 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..budget import check_stage_layers, default_stage_layers, keep_count, solve_r3, three_stage_mean
-from ..config import ConfigError, PruneConfig, check_fraction, register_method
+from ..config import PruneConfig, check_fraction
+from ..errors import ConfigError
 from ..models.base import ModelAdapter
-from ..runtime.recycle import grid_cells, select_with_recycling
+from ..ops.recycle import grid_cells, select_with_recycling
+from ..registry import register_method
+from ..spaces import Candidate, Dim, SearchSpace
 from .base import PrefillContext, PruningMethod, Selection, topk_per_group
 
 #: Default-strategy rule (documented in the README): keep R1 = min(1, 1.2·budget) before the LLM,
@@ -105,8 +108,6 @@ class VFlowOptConfig(PruneConfig):
         token grid of side s, i.e. the official [3, 24] on SigLIP's 27×27 grid. α ∈ [−1, 1].
         A point whose solved R3 falls outside [0, 1] is infeasible (violation = distance outside).
         """
-        from ..search.space import Candidate, Dim, SearchSpace
-
         check_fraction("budget", budget, allow_zero=False)
         stages = check_stage_layers(stage_layers or default_stage_layers(num_layers), num_layers)
         if len(stages) != 2:

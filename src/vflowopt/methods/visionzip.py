@@ -35,10 +35,12 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..budget import keep_count
-from ..config import ConfigError, PruneConfig, register_method
-from ..errors import PruningError
+from ..config import PruneConfig, check_fraction
+from ..errors import ConfigError, PruningError
 from ..models.base import ModelAdapter
+from ..registry import register_method
 from ..signals.vision_keys import pack_vectors, strip_prefix, vision_keys
+from ..spaces import Candidate, Dim, SearchSpace
 from .base import PrefillContext, PruningMethod, Selection
 from .common import apportion, image_groups, validate_pre_llm
 
@@ -86,9 +88,6 @@ class VisionZipConfig(PruneConfig):
     def search_space(cls, budget: float, num_layers: int, *, stage_layers=None, grid_side=None):
         """contextual_share ∈ [0, 0.5]: from pure dominant selection to half of the kept tokens
         merged (the official 10/64 and the community 30/192, 20/128 splits lie inside)."""
-        from ..config import check_fraction
-        from ..search.space import Candidate, Dim, SearchSpace
-
         check_fraction("budget", budget, allow_zero=False)
         dims = (Dim("contextual_share", 0.0, 0.5, help="fraction of the kept tokens that are merged tokens"),)
 

@@ -1,0 +1,5 @@
+"""Model adapters, one file per family. Each family file registers its adapter at import
+(`register_adapter`); this package imports them all, so `adapter_for` sees every family. `base` is the
+contract and knows no family."""
+
+from . import llava, llava_next, llava_onevision, qwen2_5_vl, qwen2_vl, qwen3_vl  # noqa: F401  (registration)

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import ConfigError
-from ..errors import PruningError
+from ..errors import ConfigError, PruningError
 from ..signals.attention import vision_attention_probs
 from ..signals.entropy import patch_entropy
 
@@ -212,8 +211,7 @@ def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
 
 
 def supported_families() -> list[str]:
-    from . import llava, llava_next, llava_onevision, qwen2_5_vl, qwen2_vl, qwen3_vl  # noqa: F401  (registration)
-
+    """Families with a registered adapter (models/__init__.py imports every family file)."""
     return [a.family for a in _ADAPTERS]
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from transformers.models.llava_next import modeling_llava_next as nxt
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .base import ModelAdapter, TokenLayout, register_adapter, split_batch, tokens_from_flat
 from .llava import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 

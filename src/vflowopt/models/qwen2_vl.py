@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..signals.entropy import entropy_of_levels
 from ..signals.qwen_vision import qwen_vision_attention_probs
 from .base import ModelAdapter, TokenLayout, VitMaps, register_adapter, split_batch, tokens_from_flat

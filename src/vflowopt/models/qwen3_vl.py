@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..runtime.sequence import gather_seq
+from ..ops.sequence import gather_seq
 from .base import register_adapter
 from .qwen2_vl import QwenVLAdapter
 

@@ -22,9 +22,9 @@ from transformers import DynamicCache
 from ..errors import ConfigError, PruningError
 from ..methods.base import PrefillContext, PruningMethod, Selection
 from ..models.base import FeatureCountMismatch, ModelAdapter, TokenLayout, VisualTokens, image_mask_from
+from ..ops.sequence import complement_keep, gather_mask, gather_seq, positions_after_drop
 from ..signals.llm_attention import tap_attention
 from .compat import cache_from_kwargs, cache_from_output
-from .sequence import complement_keep, gather_mask, gather_seq, positions_after_drop
 from .stats import PruneStats
 from .vision_point import VisionPoint, _VitRun
 

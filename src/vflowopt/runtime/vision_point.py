@@ -17,7 +17,7 @@ import torch
 from ..errors import PruningError
 from ..methods.base import VisionState
 from ..models.base import TokenLayout
-from .sequence import gather_seq
+from ..ops.sequence import gather_seq
 
 
 @dataclass

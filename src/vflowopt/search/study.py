@@ -41,6 +41,7 @@ import numpy as np
 from torch import nn
 
 from ..config import ConfigError, PruneConfig, config_for
+from ..version import __version__
 from .objective import Evaluation, Objective, model_fingerprint, samples_fingerprint
 from .space import SearchSpace, space_for
 
@@ -366,9 +367,7 @@ def _run(model, samples, budget, *, trials, seed, storage, method, study_name, b
         default_value = default_eval.value
         study.set_user_attr(_ATTR_PREFIX + "default_value", default_value)
         study.set_user_attr(_ATTR_PREFIX + "seed", int(seed))
-        import vflowopt
-
-        study.set_user_attr(_ATTR_PREFIX + "version", vflowopt.__version__)
+        study.set_user_attr(_ATTR_PREFIX + "version", __version__)
     optuna.storages.fail_stale_trials(study)
 
     nan_trials = 0

@@ -15,10 +15,13 @@ attention maps pack onto the visual tokens with `layout.pack`, one channel at a 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from ..models.base import ModelAdapter, TokenLayout, VitMaps
+if TYPE_CHECKING:  # annotations only: signals never import the model adapters at run time
+    from ..models.base import ModelAdapter, TokenLayout, VitMaps
 
 
 def vision_keys(adapter: ModelAdapter, attn: nn.Module, args: tuple, kwargs: dict) -> VitMaps:
