@@ -49,4 +49,4 @@ run: .venv
 	$(BIN)/vflowopt run
 
 lint: .venv
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests training

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
 from training.vqa import common as C
 from training.vqa import pretrain as P
 from training.vqa import ship as SHIP
 from training.vqa import train as T
-
 from vflowopt.vqa import evaluate as E
 from vflowopt.vqa import model as M
 from vflowopt.vqa import scenes as S

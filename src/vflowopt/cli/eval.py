@@ -24,7 +24,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--model", metavar="DIR",
-                   help="a model folder written by `python -m vflowopt.vqa.train` (OUT/model); "
+                   help="a model folder written by `python -m training.vqa.train` (OUT/model, from a clone); "
                         "default: the shipped trained model")
     p.add_argument("--methods", default="all", metavar="A,B,...|all",
                    help="comma-separated methods, or 'all' (default: every registered one)")
@@ -65,7 +65,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model_dir = Path(args.model).expanduser() if args.model else shipped_model_path()
     if not (model_dir / "config.json").is_file():
         raise CLIError(f"{model_dir} is not a saved model folder (no config.json); --model takes the OUT/model "
-                       "folder of `python -m vflowopt.vqa.train`")
+                       "folder of `python -m training.vqa.train`")
     try:
         model, processor = load(model_dir, device=args.device)
     except Exception as exc:  # noqa: BLE001 - any load failure becomes one clear line

@@ -1,6 +1,6 @@
 """Exact-match accuracy of a VQA model under every pruning method and budget.
 
-Usage (``python -m vflowopt.vqa.evaluate`` takes the same arguments)::
+Usage (``python -m vflowopt eval`` takes the same arguments)::
 
     vflowopt eval [--model DIR] --methods random,visionzip,... --budgets 1.0,0.5,0.25,0.1
         [--strategy FILE ...] [--n 1000] [--seed 0] [--split test] [--batch-size 32] [--device cpu] [--json OUT]
@@ -42,7 +42,6 @@ JSON written by ``--json`` (``evaluate()`` returns the same dict)::
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,7 @@ import torch
 
 from . import scenes as S
 
-__all__ = ["answer_questions", "evaluate", "evaluate_full", "main", "make_eval_set"]
+__all__ = ["answer_questions", "evaluate", "evaluate_full", "make_eval_set"]
 
 
 def make_eval_set(n: int, seed: int = 0, split: str = "test", types: tuple[str, ...] = S.QUESTION_TYPES):
@@ -200,14 +199,3 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append("* a saved strategy: " + ", ".join(sorted({r["strategy"] for r in result["results"]
                                                                 if r.get("strategy")})))
     return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    """``python -m vflowopt.vqa.evaluate ...`` is ``vflowopt eval ...``."""
-    from vflowopt.cli import main as cli_main
-
-    return cli_main(["eval", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
