@@ -6,12 +6,18 @@ A method scores and selects; the runtime owns every hook and all the mechanics o
 
 from __future__ import annotations
 
+import abc
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from ..budget import keep_count
 from ..config import PruneConfig
-from ..models.base import ModelAdapter, TokenLayout
+from ..errors import ConfigError
+from ..models.base import ModelAdapter, TokenLayout, VisualTokens
+from ..registry import method_entry
 
 
 @dataclass
@@ -78,6 +84,7 @@ class PruningMethod:
     # Declarations read by the runtime once, at prune() time.
     vision_attention_layer: int | None = None  # ViT layer whose attention rows the method needs
     needs_pixels: bool = False  # receive the vision tower's pixel_values
+    needs_vision_keys: bool = False  # receive the head-averaged keys of `vision_attention_layer` too
     llm_layers: tuple[int, ...] = ()  # LLM layers at whose input the method prunes
     llm_attention_layers: tuple[int, ...] = ()  # LLM layers whose attention call the method reads
     vision_tap_layers: tuple[int, ...] = ()  # ViT layers whose attention call (q, k, v) the method reads
@@ -92,6 +99,10 @@ class PruningMethod:
 
     def on_vision_attention(self, probs: torch.Tensor) -> None:
         """Called with head-averaged (n_crops, N, N) attention of `vision_attention_layer`."""
+
+    def on_vision_keys(self, keys) -> None:
+        """With `needs_vision_keys`, called just before `on_vision_attention` with that layer's
+        head-averaged keys (`signals.vision_keys.vision_keys`: one row of vectors per crop or image)."""
 
     def on_llm_attention(self, ctx: PrefillContext, layer: int, query: torch.Tensor, key: torch.Tensor,
                          value: torch.Tensor, mask: torch.Tensor | None, scaling: float | None) -> None:
@@ -144,3 +155,115 @@ def topk_per_group(scores: torch.Tensor, group: torch.Tensor, candidates: torch.
             order = torch.argsort(safe[b, idx], descending=True, stable=True)
             keep[b, idx[order[:n_keep]]] = True
     return keep
+
+
+def image_counts(tokens: VisualTokens, current: torch.Tensor, fraction: float, *,
+                 of_present: bool = False) -> dict[tuple[int, int], int]:
+    """{(sample, image): tokens to keep} = keep_count(n, fraction) for the images present in `current`
+    (B, n), with n = that image's prunable visual tokens as produced (default: counting from the
+    original count at every stage keeps the realised mean within one token per stage of the schedule)
+    or, with `of_present`, the ones still present in `current` (a ratio relative to the previous stage)."""
+    image = torch.gather(tokens.image, 1, current)
+    present = torch.gather(tokens.prunable, 1, current)
+    counts = {}
+    for b in range(current.shape[0]):
+        for g in image[b].unique().tolist():
+            if of_present:
+                n = int((present[b] & (image[b] == g)).sum())
+            else:
+                n = int((tokens.prunable[b] & (tokens.image[b] == g)).sum())
+            counts[(b, g)] = keep_count(n, fraction)
+    return counts
+
+
+def keep_top_per_image(scores: torch.Tensor, tokens: VisualTokens, current: torch.Tensor,
+                       fraction: float, *, of_present: bool = False) -> torch.Tensor:
+    """Keep mask (B, n) over the tokens `current`: each image keeps its `fraction` of its own visual
+    tokens (see `image_counts` for `of_present`), the highest `scores` first; non-prunable tokens
+    (newline, CLS) are never candidates."""
+    prunable = torch.gather(tokens.prunable, 1, current)
+    image = torch.gather(tokens.image, 1, current)
+    return topk_per_group(scores, image, prunable, image_counts(tokens, current, fraction, of_present=of_present))
+
+
+# -- configs of methods that prune once, before the LLM -------------------------------------------------
+@dataclass
+class PreLLMConfig(PruneConfig):
+    """Base of the configs of methods that prune once, before the LLM: `budget` (required) is then the
+    fraction of every image's visual tokens kept; `positions` "keep" the original position ids, or
+    "compact" them as the official LLaVA-based codes effectively do. Nothing depends on the model."""
+
+    positions: str = "keep"
+
+    def validate(self) -> None:
+        if self.budget is None:
+            raise ConfigError(f"{type(self).__name__} needs a budget in (0, 1]")
+        super().validate()
+        if self.positions not in ("keep", "compact"):
+            raise ConfigError(f"positions must be 'keep' or 'compact', got {self.positions!r}")
+
+    def resolve(self, adapter: ModelAdapter) -> PreLLMConfig:
+        return self
+
+
+# -- methods that score every token, then keep the top share of each image ----------------------------
+class ScorerMethod(PruningMethod, abc.ABC):
+    """A pre-LLM method that only scores (like kvpress's ScorerPress): the base keeps, per image, the
+    `keep_count(n, budget)` highest-scoring prunable tokens (ties: the earliest), and never touches
+    newline or CLS tokens. A subclass writes `score()` and nothing else."""
+
+    @abc.abstractmethod
+    def score(self, ctx: PrefillContext) -> torch.Tensor:
+        """(B, Nv) scores of the visual tokens of this prefill; higher = more worth keeping."""
+
+    def before_llm(self, ctx: PrefillContext) -> Selection:
+        tokens = ctx.layout.tokens
+        every = torch.arange(tokens.prunable.shape[1], device=tokens.prunable.device).expand_as(tokens.prunable)
+        keep = keep_top_per_image(self.score(ctx), tokens, every, float(self.config.budget))
+        return Selection(keep=keep | ~tokens.prunable)
+
+
+# -- the pre-LLM selection, without the transformers runtime ----------------------------------------
+def select_before_llm(config: PruneConfig, adapter: ModelAdapter, layout: TokenLayout, features: torch.Tensor, *,
+                      signals: Mapping[str, Any] | None = None, image_mask: torch.Tensor | None = None,
+                      embeds: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> Selection:
+    """What `config`'s method keeps before the LLM, computed from tensors alone (no hooks, no forward):
+    the entry point for runtimes other than transformers' generate() (e.g. a serving engine).
+
+    layout: the visual tokens (`adapter.layout(...)`); features: (B, Nv, D) projected features. The
+    signals the method declares: `signals["pixel_values"]` when `needs_pixels` (the vision tower's
+    input), `signals["vision_attention"]` when `vision_attention_layer` is set (head-averaged attention
+    probabilities of that ViT layer, as `adapter.vision_attention_probs` returns them) and
+    `signals["vision_keys"]` when `needs_vision_keys` (`signals.vision_keys.vision_keys`). Methods that
+    prune inside the vision encoder are refused; for methods with in-LLM stages this is their first
+    stage only. Returns the Selection (keep mask, and replacement features where tokens were merged).
+    """
+    _, method_cls = method_entry(config.method)
+    method = method_cls(config.resolve(adapter), adapter)
+    if method.vision_prune_layers or method.vision_tap_layers:
+        raise ConfigError(f"method '{config.method}' selects inside the vision encoder; its selection needs the "
+                          "transformers runtime (vflowopt.prune)")
+    signals = dict(signals or {})
+    missing = [name for name, needed in (("pixel_values", method.needs_pixels),
+                                         ("vision_attention", method.vision_attention_layer is not None),
+                                         ("vision_keys", method.needs_vision_keys))
+               if needed and signals.get(name) is None]
+    if missing:
+        raise ConfigError(f"method '{config.method}' needs the signal(s) {missing} to select")
+    try:
+        if method.needs_pixels:
+            method.on_pixels(signals["pixel_values"])
+        if method.needs_vision_keys:
+            method.on_vision_keys(signals["vision_keys"])
+        if method.vision_attention_layer is not None:
+            method.on_vision_attention(signals["vision_attention"])
+        tokens = layout.tokens
+        if image_mask is None:
+            length = int(tokens.seq_index.max()) + 1 if tokens.seq_index.numel() else 0
+            image_mask = torch.zeros(tokens.batch_size, length, dtype=torch.bool, device=features.device)
+            image_mask.scatter_(1, tokens.seq_index.to(features.device), True)
+        ctx = PrefillContext(layout=layout, features=features, image_mask=image_mask, embeds=embeds,
+                             attention_mask=attention_mask)
+        return method.before_llm(ctx)
+    finally:
+        method.reset()

@@ -7,25 +7,14 @@ import math
 
 import torch
 
-from ..budget import keep_count
 from ..config import PruneConfig
 from ..errors import ConfigError, PruningError
-from ..models.base import ModelAdapter, VisualTokens
+from ..models.base import ModelAdapter
 from ..signals.llm_attention import attention_rows
-from .base import PrefillContext, PruningMethod, topk_per_group
+from .base import PrefillContext, PruningMethod, image_counts, keep_top_per_image, topk_per_group  # noqa: F401
 
 
 # -- methods that prune once before the LLM ----------------------------------------------------------
-def validate_pre_llm(config: PruneConfig) -> None:
-    """Budget required (a fraction in (0, 1]); positions "keep" or "compact"."""
-    if config.budget is None:
-        raise ConfigError(f"{type(config).__name__} needs a budget in (0, 1]")
-    PruneConfig.validate(config)
-    positions = getattr(config, "positions", "keep")
-    if positions not in ("keep", "compact"):
-        raise ConfigError(f"positions must be 'keep' or 'compact', got {positions!r}")
-
-
 def no_search_space(method: str, why: str) -> ConfigError:
     return ConfigError(
         f"method '{method}' has no numeric hyper-parameter to optimize besides the budget ({why}); "
@@ -71,28 +60,6 @@ def last_token_scores(query: torch.Tensor, key: torch.Tensor, visual_pos: torch.
     rows = torch.full((b, 1), seq_len - 1, dtype=torch.long, device=query.device)
     probs = attention_rows(query, key, rows, scaling, mask)[:, 0]  # (B, K)
     return torch.gather(probs, 1, visual_pos.to(probs.device))
-
-
-def image_counts(tokens: VisualTokens, current: torch.Tensor, fraction: float) -> dict[tuple[int, int], int]:
-    """{(sample, image): tokens to keep} = round(fraction · that image's prunable visual tokens as
-    produced), for the images present in `current` (B, n). Counting from the original count at every
-    stage keeps the realised mean within one token per stage of the schedule."""
-    image = torch.gather(tokens.image, 1, current)
-    counts = {}
-    for b in range(current.shape[0]):
-        for g in image[b].unique().tolist():
-            n = int((tokens.prunable[b] & (tokens.image[b] == g)).sum())
-            counts[(b, g)] = keep_count(n, fraction)
-    return counts
-
-
-def keep_top_per_image(scores: torch.Tensor, tokens: VisualTokens, current: torch.Tensor,
-                       fraction: float) -> torch.Tensor:
-    """Keep mask (B, n) over the tokens `current`: each image keeps its `fraction` of its own visual
-    tokens, the highest `scores` first; non-prunable tokens (newline, CLS) are never candidates."""
-    prunable = torch.gather(tokens.prunable, 1, current)
-    image = torch.gather(tokens.image, 1, current)
-    return topk_per_group(scores, image, prunable, image_counts(tokens, current, fraction))
 
 
 def check_prune_layers(name: str, layers: tuple[int, ...], adapter: ModelAdapter) -> tuple[int, ...]:

@@ -19,32 +19,21 @@ from dataclasses import dataclass
 import torch
 
 from ..budget import keep_count
-from ..config import PruneConfig
-from ..models.base import ModelAdapter
 from ..registry import register_method
-from .base import PrefillContext, PruningMethod, Selection
-from .common import image_groups, no_search_space, validate_pre_llm
+from .base import PrefillContext, PreLLMConfig, PruningMethod, Selection
+from .common import image_groups, no_search_space
 
 
 @dataclass
-class DivPruneConfig(PruneConfig):
+class DivPruneConfig(PreLLMConfig):
     """DivPrune. budget: fraction of every image's visual tokens kept; positions: "keep" the original
     position ids (default), or "compact" them as the official LLaVA code effectively does."""
-
-    budget: float | None = None
-    positions: str = "keep"
-
-    def validate(self) -> None:
-        validate_pre_llm(self)
 
     @classmethod
     def search_space(cls, budget: float, num_layers: int, *, stage_layers=None, grid_side=None):
         """None: DivPrune has no numeric hyper-parameter besides the budget."""
         raise no_search_space(cls.method or "divprune", "the selection is parameter-free")
 
-    def resolve(self, adapter: ModelAdapter) -> DivPruneConfig:
-        self.validate()
-        return self
 
 
 def divprune_order(features: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:

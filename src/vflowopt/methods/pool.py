@@ -25,32 +25,21 @@ from dataclasses import dataclass
 import torch
 
 from ..budget import keep_count
-from ..config import PruneConfig
-from ..models.base import ModelAdapter
 from ..registry import register_method
-from .base import PrefillContext, PruningMethod, Selection
-from .common import apportion, image_groups, no_search_space, validate_pre_llm
+from .base import PrefillContext, PreLLMConfig, PruningMethod, Selection
+from .common import apportion, image_groups, no_search_space
 
 
 @dataclass
-class PoolConfig(PruneConfig):
+class PoolConfig(PreLLMConfig):
     """2-D average pooling control. budget: fraction of every image's visual tokens kept (all of them
     pooled windows); positions: "keep" the original position ids, or "compact" them."""
-
-    budget: float | None = None
-    positions: str = "keep"
-
-    def validate(self) -> None:
-        validate_pre_llm(self)
 
     @classmethod
     def search_space(cls, budget: float, num_layers: int, *, stage_layers=None, grid_side=None):
         """None: pooling has no numeric hyper-parameter besides the budget (the window follows from it)."""
         raise no_search_space(cls.method or "pool", "the window size follows from the budget")
 
-    def resolve(self, adapter: ModelAdapter) -> PoolConfig:
-        self.validate()
-        return self
 
 
 # -- helpers shared by the pre-LLM baselines --------------------------------------------------------

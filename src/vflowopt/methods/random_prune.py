@@ -13,27 +13,22 @@ from dataclasses import dataclass
 
 import torch
 
-from ..budget import keep_count
-from ..config import PruneConfig
 from ..errors import ConfigError
-from ..models.base import ModelAdapter
 from ..registry import register_method
-from .base import PrefillContext, PruningMethod, Selection
-from .common import image_groups, no_search_space, validate_pre_llm
+from .base import PrefillContext, PreLLMConfig, ScorerMethod
+from .common import image_groups, no_search_space
 
 
 @dataclass
-class RandomConfig(PruneConfig):
+class RandomConfig(PreLLMConfig):
     """Seeded random subset. budget: fraction of every image's visual tokens kept; seed: any
     non-negative integer; positions: "keep" the original position ids, or "compact" them."""
 
-    budget: float | None = None
     seed: int = 0
-    positions: str = "keep"
 
     def validate(self) -> None:
-        validate_pre_llm(self)
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+        super().validate()
+        if self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
 
     @classmethod
@@ -41,28 +36,30 @@ class RandomConfig(PruneConfig):
         """None: the seed is not a hyper-parameter worth searching (that would tune to noise)."""
         raise no_search_space(cls.method or "random", "optimizing the seed would only fit noise")
 
-    def resolve(self, adapter: ModelAdapter) -> RandomConfig:
-        self.validate()
-        return self
+
+
+def random_scores(n: int, seed: int, image: int) -> torch.Tensor:
+    """(n,) CPU scores whose top k are exactly the first k of one seeded permutation, for every k: the rank
+    of each token in a permutation drawn from a generator seeded by (seed, image)."""
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + image) % (2**63 - 1))
+    scores = torch.empty(n)
+    scores[torch.randperm(n, generator=gen)] = torch.arange(n, 0, -1, dtype=torch.float32)
+    return scores
 
 
 def random_keep(n: int, k: int, seed: int, image: int) -> torch.Tensor:
-    """(n,) bool CPU mask with exactly min(k, n) True, drawn from a generator seeded by (seed, image)."""
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + image) % (2**63 - 1))
+    """(n,) bool CPU mask with exactly min(k, n) True: the first k of the seeded permutation."""
     keep = torch.zeros(n, dtype=torch.bool)
-    keep[torch.randperm(n, generator=gen)[: max(0, min(k, n))]] = True
+    keep[torch.argsort(random_scores(n, seed, image), descending=True)[: max(0, min(k, n))]] = True
     return keep
 
 
-class RandomMethod(PruningMethod):
-    config_cls = RandomConfig
-
-    def before_llm(self, ctx: PrefillContext) -> Selection:
-        keep = ~ctx.layout.tokens.prunable
+class RandomMethod(ScorerMethod):
+    def score(self, ctx: PrefillContext) -> torch.Tensor:
+        scores = torch.zeros(ctx.layout.tokens.prunable.shape, dtype=torch.float32)
         for b, img, idx in image_groups(ctx):
-            k = keep_count(idx.numel(), self.config.budget)
-            keep[b, idx] = random_keep(idx.numel(), k, self.config.seed, int(img)).to(keep.device)
-        return Selection(keep=keep)
+            scores[b, idx.cpu()] = random_scores(idx.numel(), self.config.seed, int(img))
+        return scores.to(ctx.layout.tokens.prunable.device)
 
 
 register_method("random", RandomConfig, RandomMethod)

@@ -22,7 +22,7 @@ from ..models.base import ModelAdapter
 from ..ops.recycle import grid_cells, select_with_recycling
 from ..registry import register_method
 from ..spaces import Candidate, Dim, SearchSpace
-from .base import PrefillContext, PruningMethod, Selection, topk_per_group
+from .base import PrefillContext, PruningMethod, Selection, keep_top_per_image
 
 #: Default-strategy rule (documented in the README): keep R1 = min(1, 1.2·budget) before the LLM,
 #: R2 = 1, and solve R3 from the budget. The official LLaVA-OV-7B strategies keep R1 between
@@ -281,16 +281,9 @@ class VFlowOptMethod(PruningMethod):
     def at_layer(self, ctx: PrefillContext, layer: int, current: torch.Tensor,
                  hidden_states: torch.Tensor) -> torch.Tensor:
         ratio = self.config.retention[1] if layer == self.llm_layers[0] else self.config.retention[2]
-        tokens = ctx.layout.tokens
-        prunable = torch.gather(tokens.prunable, 1, current)
-        image = torch.gather(tokens.image, 1, current)
         scores = torch.gather(ctx.scratch["importance"], 1, current)
-        counts = {
-            (b, g): keep_count(int((prunable[b] & (image[b] == g)).sum()), ratio)
-            for b in range(current.shape[0])
-            for g in image[b].unique().tolist()
-        }
-        return topk_per_group(scores, image, prunable, counts)
+        # R2 and R3 are relative to the previous stage: counted from the tokens still present
+        return keep_top_per_image(scores, ctx.layout.tokens, current, ratio, of_present=True)
 
 
 register_method("vflowopt", VFlowOptConfig, VFlowOptMethod)

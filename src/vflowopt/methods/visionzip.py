@@ -29,27 +29,26 @@ vision-attention hook also yields the keys; the model itself is never touched.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import torch
 
 from ..budget import keep_count
-from ..config import PruneConfig, check_fraction
+from ..config import check_fraction
 from ..errors import ConfigError, PruningError
 from ..models.base import ModelAdapter
 from ..registry import register_method
-from ..signals.vision_keys import pack_vectors, strip_prefix, vision_keys
+from ..signals.vision_keys import pack_vectors, strip_prefix
 from ..spaces import Candidate, Dim, SearchSpace
-from .base import PrefillContext, PruningMethod, Selection
-from .common import apportion, image_groups, validate_pre_llm
+from .base import PrefillContext, PreLLMConfig, PruningMethod, Selection
+from .common import apportion, image_groups
 
 #: The official README setting: 54 dominant (CLS included) + 10 contextual = 64 tokens.
 OFFICIAL_CONTEXTUAL_SHARE = 10 / 64
 
 
 @dataclass
-class VisionZipConfig(PruneConfig):
+class VisionZipConfig(PreLLMConfig):
     """VisionZip.
 
     budget: fraction of every image's visual tokens kept (dominant + contextual).
@@ -63,26 +62,21 @@ class VisionZipConfig(PruneConfig):
     positions: "keep" the original position ids, or "compact" them as official LLaVA code does.
     """
 
-    budget: float | None = None
     contextual_share: float = OFFICIAL_CONTEXTUAL_SHARE
     similarity: str = "keys"
     merge: str = "add"
     per_crop: bool = True
     vision_layer: int | None = None
-    positions: str = "keep"
 
     def validate(self) -> None:
-        validate_pre_llm(self)
+        super().validate()
         share = self.contextual_share
-        if (not isinstance(share, (int, float)) or isinstance(share, bool) or not math.isfinite(share)
-                or not 0.0 <= share < 1.0):
+        if not 0.0 <= share < 1.0:
             raise ConfigError(f"contextual_share must be a number in [0, 1), got {share!r}")
         if self.similarity not in ("keys", "features"):
             raise ConfigError(f"similarity must be 'keys' or 'features', got {self.similarity!r}")
         if self.merge not in ("add", "mean"):
             raise ConfigError(f"merge must be 'add' (official) or 'mean', got {self.merge!r}")
-        if not isinstance(self.per_crop, bool):
-            raise ConfigError(f"per_crop must be true or false, got {self.per_crop!r}")
 
     @classmethod
     def search_space(cls, budget: float, num_layers: int, *, stage_layers=None, grid_side=None):
@@ -98,7 +92,6 @@ class VisionZipConfig(PruneConfig):
                            description="single pruning step before the LLM: mean retention = budget")
 
     def resolve(self, adapter: ModelAdapter) -> VisionZipConfig:
-        self.validate()
         layer = adapter.check_vision_layer(
             self.vision_layer if self.vision_layer is not None else adapter.feature_layer()
         )
@@ -160,17 +153,13 @@ class VisionZipMethod(PruningMethod):
         self.vision_attention_layer = adapter.check_vision_layer(layer)
         self._scores = None  # ViT-level dominant scores: (n_crops, n_patches) or one vector per image
         self._keys = None  # ViT-level keys, shaped like the scores plus a channel dimension
-        if config.similarity == "keys":
-            inner = adapter.vision_attention_probs
-
-            def probs_and_keys(attn, args, kwargs):
-                self._keys = vision_keys(adapter, attn, args, kwargs)
-                return inner(attn, args, kwargs)
-
-            adapter.vision_attention_probs = probs_and_keys
+        self.needs_vision_keys = config.similarity == "keys"
 
     def reset(self) -> None:
         self._scores = self._keys = None
+
+    def on_vision_keys(self, keys) -> None:
+        self._keys = keys
 
     def on_vision_attention(self, probs) -> None:
         prefix = self.adapter.vit_prefix_tokens

@@ -24,6 +24,7 @@ from ..methods.base import PrefillContext, PruningMethod, Selection
 from ..models.base import FeatureCountMismatch, ModelAdapter, TokenLayout, VisualTokens, image_mask_from
 from ..ops.sequence import complement_keep, gather_mask, gather_seq, positions_after_drop
 from ..signals.llm_attention import tap_attention
+from ..signals.vision_keys import vision_keys
 from .compat import cache_from_kwargs, cache_from_output
 from .stats import PruneStats
 from .vision_point import VisionPoint, _VitRun
@@ -207,6 +208,8 @@ class PruningEngine(VisionPoint):
 
     def _on_vision_attention(self, module, args, kwargs):
         t0 = time.perf_counter()
+        if self.method.needs_vision_keys:
+            self.method.on_vision_keys(vision_keys(self.adapter, module, args, kwargs))
         self.method.on_vision_attention(self.adapter.vision_attention_probs(module, args, kwargs))
         self._vision_s += time.perf_counter() - t0
 
