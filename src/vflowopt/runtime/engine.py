@@ -1,6 +1,6 @@
 """Hooks that prune visual tokens inside a stock transformers model, on this instance only.
 
-Pruning points: between vision-encoder layers (vision_point.py, a mixin of this class), before the LLM
+Pruning points: between vision-encoder layers (vision_point.py, an object the engine owns), before the LLM
 (a pre-hook on the language model: the merged `inputs_embeds`) and at the input of chosen decoder
 layers (pre-hooks on the layers). Dropped tokens leave the hidden
 states, the positions, the masks and so every later layer's KV cache. Decode steps select nothing:
@@ -27,7 +27,7 @@ from ..signals.llm_attention import tap_attention
 from ..signals.vision_keys import vision_keys
 from .compat import cache_from_kwargs, cache_from_output
 from .stats import PruneStats
-from .vision_point import VisionPoint, _VitRun
+from .vision_point import VisionPoint
 
 
 @dataclass
@@ -65,7 +65,7 @@ class _Run:
     pruning_s: float = 0.0
 
 
-class PruningEngine(VisionPoint):
+class PruningEngine:
     def __init__(self, model: nn.Module, adapter: ModelAdapter, method: PruningMethod, positions: str = "keep"):
         self.model = model
         self.adapter = adapter
@@ -86,21 +86,12 @@ class PruningEngine(VisionPoint):
                 f"positions); got pruning layers {sorted(method.llm_layers)}"
             )
         self._vision_s = 0.0
-        self._vit_point = bool(method.vision_prune_layers or method.vision_tap_layers)
         self._in_images = False
-        self._vit: _VitRun | None = None
         self._image_kwargs: dict = {}
         self._unwrap = None
         self._untaps: list = []
-        if self._vit_point:
-            reason = adapter.vision_pruning_unsupported()
-            if reason is not None:
-                raise ConfigError(f"{type(method).__name__} prunes inside the vision encoder, which this "
-                                  f"{adapter.family} model does not allow: {reason}")
-            n_vit = len(adapter.vision_layers)
-            bad = [i for i in (*method.vision_prune_layers, *method.vision_tap_layers) if not 0 <= i < n_vit]
-            if bad:
-                raise ConfigError(f"vision layer indices {bad} are outside this vision encoder's {n_vit} layers")
+        # the V point (dropping tokens between vision-encoder layers), for methods that declare one
+        self.vision = VisionPoint(adapter, method) if method.vision_prune_layers or method.vision_tap_layers else None
         n_llm = adapter.num_llm_layers
         bad = [i for i in (*method.llm_layers, *method.llm_attention_layers) if not 0 <= i < n_llm]
         if bad:
@@ -123,13 +114,8 @@ class PruningEngine(VisionPoint):
                     self._hook(a.decoder_layers[i], self._layer_hook(i), pre=True)
             for i in self.method.llm_attention_layers:
                 self._untaps.append(tap_attention(a.decoder_layers[i].self_attn, self._attention_tap(i)))
-            if self._vit_point:
-                for i in self.method.vision_tap_layers:
-                    self._untaps.append(tap_attention(a.vision_attention(i), self._vit_tap(i)))
-                for i, layer in enumerate(a.vision_layers):
-                    self._hook(layer, self._vit_layer_hook(i), pre=True)
-                for module in a.vision_projectors():
-                    self._hook(module, self._on_projector_pre, pre=True)
+            if self.vision is not None:
+                self._untaps.extend(self.vision.install(self._hook))
         except BaseException:
             self.detach()
             raise
@@ -144,7 +130,9 @@ class PruningEngine(VisionPoint):
         for untap in self._untaps:
             untap()
         self._untaps.clear()
-        self._fwd = self._plan = self._run = self._vit = None
+        self._fwd = self._plan = self._run = None
+        if self.vision is not None:
+            self.vision.reset()
         self.method.reset()
 
     def _wrap_image_features(self) -> None:
@@ -152,7 +140,7 @@ class PruningEngine(VisionPoint):
         forward; an instance-level wrapper (signature kept, as generate() inspects it) records them."""
         base = self.adapter.base
         names = self.adapter.image_kwargs
-        if not (names or self._vit_point) or not hasattr(base, "get_image_features"):
+        if not (names or self.vision is not None) or not hasattr(base, "get_image_features"):
             return
         wrapper = _ImageFeaturesWrapper(self, base, names)
         base.get_image_features = wrapper
@@ -200,7 +188,8 @@ class PruningEngine(VisionPoint):
         self._vision_s = 0.0
         self._n_crops = int(pixel_values.shape[0])
         self.adapter.on_vision_input(args, kwargs)
-        self._vit = _VitRun() if self._vit_point and self._in_images else None
+        if self.vision is not None:
+            self.vision.start(images=self._in_images)
         if self.method.needs_pixels:
             t0 = time.perf_counter()
             self.method.on_pixels(pixel_values)
@@ -251,96 +240,133 @@ class PruningEngine(VisionPoint):
         return args, self._decode(kwargs, plan, past_len)
 
     def _prefill(self, kwargs: dict, image_mask: torch.Tensor, fwd_kwargs: dict):
+        """The pre-LLM point: select, then remove the dropped tokens from everything the LLM reads."""
         t0 = time.perf_counter()
+        self._check_signals_present()
+        ctx = self._context(kwargs, image_mask, fwd_kwargs)
+        sel, keep_vis = self._select_before_llm(ctx)
+        self._replace_merged(kwargs, ctx, sel, keep_vis)
         embeds = kwargs["inputs_embeds"]
-        b, l0, _ = embeds.shape
+        full_pos = kwargs.get("position_ids")  # the prompt's positions, before anything is dropped
+        if full_pos is None:
+            full_pos = torch.arange(embeds.shape[1], device=embeds.device).view(1, embeds.shape[1])
+        keep1 = self._drop_from_llm_inputs(kwargs, ctx, keep_vis, full_pos)
+        self._run = self._prefill_run(ctx, keep_vis, keep1, full_pos)
+        vision_s = self.vision.seconds if self.vision is not None else 0.0
+        self._run.pruning_s = self._vision_s + vision_s + time.perf_counter() - t0
+        self.stats = self._prefill_stats(ctx, sel, keep_vis, self._run.plan)
+        self._n_crops = None
+        return kwargs
+
+    def _check_signals_present(self) -> None:
+        """The vision-side signals a method declared can only come from the vision tower's own pass."""
         if self._n_crops is None and self.method.vision_attention_layer is not None:
             raise PruningError(
                 "this method scores tokens in the vision encoder, but the image features of this "
                 "forward were not computed by the model's vision tower while pruning was attached; "
                 "pass pixel_values (not precomputed features)"
             )
-        if self.method.vision_prune_layers and (self._vit is None or self._vit.state is None):
+        if self.method.vision_prune_layers and (self.vision is None or not self.vision.has_state):
             raise PruningError(
                 "this method prunes inside the vision encoder, but the image features of this forward were "
                 "not computed by the model's vision tower (through get_image_features) while pruning was "
                 "attached; pass pixel_values (not precomputed features)"
             )
+
+    def _context(self, kwargs: dict, image_mask: torch.Tensor, fwd_kwargs: dict) -> PrefillContext:
+        """The layout of the visual tokens and what the method may read about this prefill."""
+        embeds = kwargs["inputs_embeds"]
         layout = self._layout(image_mask, fwd_kwargs)
-        tokens = layout.tokens
-        features = gather_seq(embeds, tokens.seq_index, 1)
         mask2d = kwargs.get("attention_mask")
         mask2d = mask2d if isinstance(mask2d, torch.Tensor) and mask2d.dim() == 2 else None
-        ctx = PrefillContext(layout=layout, features=features, image_mask=image_mask, embeds=embeds,
-                             attention_mask=mask2d)
-        vision_kept = self._vision_kept(layout)
-        self._vit = None
-        ctx.vision_kept = vision_kept
+        ctx = PrefillContext(layout=layout, features=gather_seq(embeds, layout.tokens.seq_index, 1),
+                             image_mask=image_mask, embeds=embeds, attention_mask=mask2d)
+        ctx.vision_kept = self.vision.finish(layout) if self.vision is not None else None
+        return ctx
+
+    def _select_before_llm(self, ctx: PrefillContext) -> tuple[Selection, torch.Tensor]:
+        """The method's selection and the (B, Nv) keep mask it implies: non-prunable tokens always
+        kept, tokens dropped inside the ViT never."""
+        tokens = ctx.layout.tokens
         sel = self.method.before_llm(ctx)
         keep_vis = sel.keep | ~tokens.prunable
-        if vision_kept is not None:  # tokens dropped inside the ViT never enter the LLM
-            keep_vis = keep_vis & (vision_kept | ~tokens.prunable)
+        if ctx.vision_kept is not None:
+            keep_vis = keep_vis & (ctx.vision_kept | ~tokens.prunable)
+        return sel, keep_vis
+
+    @staticmethod
+    def _replace_merged(kwargs: dict, ctx: PrefillContext, sel: Selection, keep_vis: torch.Tensor) -> None:
+        """Kept tokens that carry merged (recycled) features get them in the LLM's input embeddings."""
+        if sel.replaced is None or not bool(sel.replaced.any()):
+            return
+        embeds, seq_index = kwargs["inputs_embeds"], ctx.layout.tokens.seq_index
+        b_idx, v_idx = (sel.replaced & keep_vis).nonzero(as_tuple=True)
+        embeds = embeds.clone()
+        embeds[b_idx, seq_index[b_idx, v_idx]] = sel.features[b_idx, v_idx].to(embeds.dtype)
+        kwargs["inputs_embeds"] = embeds
+
+    def _drop_from_llm_inputs(self, kwargs: dict, ctx: PrefillContext, keep_vis: torch.Tensor,
+                              full_pos: torch.Tensor) -> torch.Tensor | None:
+        """Removes the dropped tokens from the embeddings, positions, mask and the family's extra
+        inputs; returns the kept prompt indices (B, S1), or None when nothing was dropped."""
+        embeds = kwargs["inputs_embeds"]
+        b, l0, _ = embeds.shape
         drop = torch.zeros(b, l0, dtype=torch.bool, device=embeds.device)
-        drop.scatter_(1, tokens.seq_index, ~keep_vis)
+        drop.scatter_(1, ctx.layout.tokens.seq_index, ~keep_vis)
+        if not bool(drop.any()):
+            return None
+        keep1 = complement_keep(l0, drop, b)
+        kwargs["inputs_embeds"] = gather_seq(embeds, keep1, 1)
+        kwargs["position_ids"] = (positions_after_drop(full_pos, keep1) if self.compact
+                                  else gather_seq(full_pos, keep1, -1, batch_dim=-2))
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            # Gapped positions without a mask or cache look like packed sequences to transformers.
+            kwargs["attention_mask"] = torch.ones(b, keep1.shape[1], dtype=torch.long, device=embeds.device)
+        elif isinstance(mask, dict):
+            raise PruningError(
+                "pre-built attention masks (static caches / compiled generation) are not supported "
+                "with pruning; use the default dynamic cache"
+            )
+        elif mask.dim() == 2:
+            kwargs["attention_mask"] = gather_seq(mask, keep1, 1)
+        else:
+            kwargs["attention_mask"] = gather_mask(mask, keep1, keep1)
+        self.adapter.slice_llm_inputs(kwargs, keep1)
+        return keep1
 
-        new_embeds = embeds
-        if sel.replaced is not None and bool(sel.replaced.any()):
-            rep = sel.replaced & keep_vis
-            new_embeds = embeds.clone()
-            b_idx, v_idx = rep.nonzero(as_tuple=True)
-            new_embeds[b_idx, tokens.seq_index[b_idx, v_idx]] = sel.features[b_idx, v_idx].to(embeds.dtype)
-            kwargs["inputs_embeds"] = new_embeds
-
-        n_vis = int(tokens.prunable[0].sum())
-        kept_vis = int((keep_vis & tokens.prunable)[0].sum())
-        keep1 = None
-        full_pos = kwargs.get("position_ids")
-        if full_pos is None:
-            full_pos = torch.arange(l0, device=embeds.device).view(1, l0)
+    def _prefill_run(self, ctx: PrefillContext, keep_vis: torch.Tensor, keep1: torch.Tensor | None,
+                     full_pos: torch.Tensor) -> _Run:
+        """The plan decode steps rely on, and the per-forward state the in-LLM stages start from."""
+        embeds, tokens = ctx.embeds, ctx.layout.tokens
+        b, l0 = embeds.shape[:2]
+        s1 = keep1.shape[1] if keep1 is not None else l0
+        # the first position after the prompt, in full-sequence coordinates
         next_pos = self.adapter.rotary_positions(full_pos).amax(-1)
         while next_pos.dim() > 1:
             next_pos = next_pos.amax(0)
-        if bool(drop.any()):
-            keep1 = complement_keep(l0, drop, b)
-            kwargs["inputs_embeds"] = gather_seq(new_embeds, keep1, 1)
-            pos = full_pos
-            kwargs["position_ids"] = positions_after_drop(pos, keep1) if self.compact else gather_seq(
-                pos, keep1, -1, batch_dim=-2
-            )
-            mask = kwargs.get("attention_mask")
-            if mask is None:
-                # Gapped positions without a mask or cache look like packed sequences to transformers.
-                kwargs["attention_mask"] = torch.ones(b, keep1.shape[1], dtype=torch.long, device=embeds.device)
-            elif isinstance(mask, dict):
-                raise PruningError(
-                    "pre-built attention masks (static caches / compiled generation) are not supported "
-                    "with pruning; use the default dynamic cache"
-                )
-            elif mask.dim() == 2:
-                kwargs["attention_mask"] = gather_seq(mask, keep1, 1)
-            else:
-                kwargs["attention_mask"] = gather_mask(mask, keep1, keep1)
-            self.adapter.slice_llm_inputs(kwargs, keep1)
-        s1 = keep1.shape[1] if keep1 is not None else l0
-
         ids = keep_vis.nonzero()[:, 1].view(b, -1)
-        pos_full = torch.gather(tokens.seq_index, 1, ids)
+        pos_now = torch.gather(tokens.seq_index, 1, ids)
         if keep1 is not None:
             inv = torch.full((b, l0), -1, dtype=torch.long, device=embeds.device)
             inv.scatter_(1, keep1, torch.arange(s1, device=embeds.device).expand(b, s1))
-            pos_full = torch.gather(inv, 1, pos_full)
+            pos_now = torch.gather(inv, 1, pos_now)
+        kept_vis = int((keep_vis & tokens.prunable)[0].sum())
         plan = _Plan(prompt_len=l0, llm_len=s1, keep1=keep1, stages=[_Stage(0, None, kept_vis)], shift=l0 - s1,
                      next_pos=next_pos + 1)
-        self._run = _Run(prefill=True, plan=plan, ctx=ctx, cur_ids=ids, cur_pos=pos_full, cur_len=s1)
-        self._run.pruning_s = self._vision_s + time.perf_counter() - t0
-        self.stats = PruneStats(
-            visual_tokens=n_vis, prompt_tokens=l0, tokens_into_llm=s1, batch_size=b,
+        return _Run(prefill=True, plan=plan, ctx=ctx, cur_ids=ids, cur_pos=pos_now, cur_len=s1)
+
+    @staticmethod
+    def _prefill_stats(ctx: PrefillContext, sel: Selection, keep_vis: torch.Tensor, plan: _Plan) -> PruneStats:
+        tokens = ctx.layout.tokens
+        vision_stage = ([("vision encoder", int((ctx.vision_kept & tokens.prunable)[0].sum()))]
+                        if ctx.vision_kept is not None else [])
+        return PruneStats(
+            visual_tokens=int(tokens.prunable[0].sum()), prompt_tokens=plan.prompt_len,
+            tokens_into_llm=plan.llm_len, batch_size=int(keep_vis.shape[0]),
             recycled_tokens=int((sel.replaced & keep_vis)[0].sum()) if sel.replaced is not None else 0,
-            stages=([("vision encoder", int((vision_kept & tokens.prunable)[0].sum()))] if vision_kept is not None
-                    else []) + [("before LLM", kept_vis)],
+            stages=vision_stage + [("before LLM", plan.stages[0].visual)],
         )
-        self._n_crops = None
-        return kwargs
 
     def _layout(self, image_mask: torch.Tensor, fwd_kwargs: dict) -> TokenLayout:
         """The adapter's layout; also when generate() expanded the batch after encoding the images

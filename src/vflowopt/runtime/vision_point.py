@@ -1,6 +1,7 @@
 """The vision-encoder pruning point (V): tokens dropped between ViT layers (FlowCut).
 
-Part of PruningEngine (a mixin, so the engine file stays about the LLM side): hooks on the vision
+An object of its own, owned by the PruningEngine (which keeps the LLM side): it owns the state of one
+image pass through the vision tower and installs its hooks through the engine. Hooks on the vision
 layers drop rows (and, for Qwen ViTs, their rotary embeddings and cu_seqlens segments); a pre-hook on
 the projector scatters the survivors back to full length so the model's placeholder count still
 matches, and the pre-LLM point then drops the tokens whose ViT tokens were dropped.
@@ -10,14 +11,17 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
-from ..errors import PruningError
-from ..methods.base import VisionState
-from ..models.base import TokenLayout
+from ..errors import ConfigError, PruningError
+from ..methods.base import PruningMethod, VisionState
+from ..models.base import ModelAdapter, TokenLayout
 from ..ops.sequence import gather_seq
+from ..signals.llm_attention import tap_attention
 
 
 @dataclass
@@ -32,9 +36,52 @@ class _VitRun:
     kept: object = None  # ViT-level keep map (image order, prefix removed), set at the end of the pass
 
 
-
 class VisionPoint:
-    """Mixin of PruningEngine: the V pruning point's hooks."""
+    """The V pruning point of one attached method: its hooks and the state of the current image pass."""
+
+    def __init__(self, adapter: ModelAdapter, method: PruningMethod):
+        reason = adapter.vision_pruning_unsupported()
+        if reason is not None:
+            raise ConfigError(f"{type(method).__name__} prunes inside the vision encoder, which this "
+                              f"{adapter.family} model does not allow: {reason}")
+        n_vit = len(adapter.vision_layers)
+        bad = [i for i in (*method.vision_prune_layers, *method.vision_tap_layers) if not 0 <= i < n_vit]
+        if bad:
+            raise ConfigError(f"vision layer indices {bad} are outside this vision encoder's {n_vit} layers")
+        self.adapter = adapter
+        self.method = method
+        self._vit: _VitRun | None = None
+        self.seconds = 0.0  # time spent scoring and dropping in the current image pass
+
+    def install(self, hook: Callable[[nn.Module, Callable, bool], None]) -> list[Callable[[], None]]:
+        """Registers the V point's hooks through `hook(module, fn, pre)`; returns the attention untaps."""
+        a = self.adapter
+        untaps = [tap_attention(a.vision_attention(i), self._vit_tap(i)) for i in self.method.vision_tap_layers]
+        for i, layer in enumerate(a.vision_layers):
+            hook(layer, self._vit_layer_hook(i), True)
+        for module in a.vision_projectors():
+            hook(module, self._on_projector_pre, True)
+        return untaps
+
+    def start(self, images: bool) -> None:
+        """A vision-tower pass begins; only image passes are pruned (not video passes)."""
+        self._vit = _VitRun() if images else None
+        self.seconds = 0.0
+
+    @property
+    def has_state(self) -> bool:
+        """Whether the current pass went through the hooked vision layers."""
+        return self._vit is not None and self._vit.state is not None
+
+    def finish(self, layout: TokenLayout) -> torch.Tensor | None:
+        """The pass is over: the (B, Nv) keep map of the visual tokens (None if nothing was dropped)."""
+        kept = self._vision_kept(layout)
+        self._vit = None
+        return kept
+
+    def reset(self) -> None:
+        self._vit = None
+        self.seconds = 0.0
 
     def _vit_tap(self, layer: int):
         # a partial of a bound method, not a closure: copy.deepcopy(model) then copies the engine too
@@ -44,7 +91,6 @@ class VisionPoint:
         vit = self._vit
         if vit is not None:
             vit.calls.append((layer, query, key, value))
-
 
     def _vit_flush(self, vit: _VitRun) -> None:
         """Hand the attention inputs collected since the last flush to the method (Qwen-VL's non-flash
@@ -56,7 +102,7 @@ class VisionPoint:
         layer = calls[0][0]
         q, k, v = (torch.cat([c[i] for c in calls], dim=2) if len(calls) > 1 else calls[0][i] for i in (1, 2, 3))
         self.method.on_vision_qkv(layer, q, k, v, vit.state)
-        self._vision_s += time.perf_counter() - t0
+        self.seconds += time.perf_counter() - t0
 
     def _vit_layer_hook(self, layer: int):
         # a partial of a bound method, not a closure: copy.deepcopy(model) then copies the engine too
@@ -88,11 +134,10 @@ class VisionPoint:
                     args = (hidden, *args[1:])
                 else:
                     kwargs["hidden_states"] = hidden
-            self._vision_s += time.perf_counter() - t0
+            self.seconds += time.perf_counter() - t0
         if vit.pruned and vit.state.flat:
             self.adapter.slice_vision_layer_inputs(kwargs, vit.state.ids, vit.sliced)
         return args, kwargs
-
 
     def _vit_drop(self, vit: _VitRun, hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         state = vit.state
