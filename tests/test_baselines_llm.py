@@ -1,5 +1,7 @@
 """The LLM-attention baselines FastV, PDrop and SparseVLM: selection on hand-made tensors, budget
-arithmetic, and end to end under generate() on tiny LLaVA, LLaVA-OneVision and Qwen2-VL models."""
+arithmetic, and end to end under generate() on tiny LLaVA, LLaVA-OneVision and Qwen2-VL models.
+What every method must pass on every family (identity at budget 1.0, KV caches, decode, remove, JSON,
+batches) is in test_conformance.py."""
 
 from __future__ import annotations
 
@@ -243,7 +245,7 @@ def _generate(model, inputs, n=4, **kw):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("family,attn", [("llava", "sdpa"), ("llava", "eager"), ("qwen2_vl", "sdpa")])
+@pytest.mark.parametrize("family,attn", [("llava", "eager")])  # sdpa, every family: test_conformance.py
 def test_identity_at_full_budget(family_model, family, attn, method):
     model, proc, size = family_model(family, attn)
     inputs = build_inputs(proc, [example_image(seed=0, size=size)], ["What is in the image?"])
@@ -327,21 +329,6 @@ def test_eager_attention_selects_like_sdpa(make_model):
     assert selections["sdpa"][2].shape == selections["eager"][2].shape
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_left_padded_batch_equals_singles(make_model, method):
-    model, proc = make_model("llava", "sdpa")
-    images = [example_image(seed=1), example_image(seed=2)]
-    prompts = ["What is in the image?", "How many circles are there in this picture?"]
-    with vflowopt.pruned(model, config_for(method, budget=0.5)):
-        batch = build_inputs(proc, images, prompts)
-        with torch.no_grad():
-            b_logits = model(**batch).logits[:, -1]
-        for i, (img, prompt) in enumerate(zip(images, prompts)):
-            with torch.no_grad():
-                s_logits = model(**build_inputs(proc, [img], [prompt])).logits[:, -1]
-            assert torch.allclose(b_logits[i], s_logits[0], atol=1e-4)
-
-
 @pytest.mark.parametrize(
     "cfg,match",
     [
@@ -366,18 +353,7 @@ def test_bad_budgets_are_refused_with_the_model_intact(make_model, cfg, match):
     vflowopt.prune(model, FastVConfig(budget=0.5)).remove()  # not left marked as pruned
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_config_json_round_trip(make_model, tmp_path, method):
-    model, _ = make_model("llava", "sdpa")
-    with vflowopt.pruned(model, config_for(method, budget=0.5)) as h:
-        resolved = h.config
-    path = tmp_path / f"{method}.json"
-    resolved.save(path)
-    loaded = load_config(path)
-    assert loaded == resolved and type(loaded) is type(resolved)
-    with vflowopt.pruned(model, loaded) as h2:
-        assert h2.config == resolved
+def test_pdrop_per_stage_ratios_survive_json(tmp_path):
     tuple_ratio = PDropConfig(ratio=(0.5, 0.25, 1.0), stage_layers=(1, 3, 4))
     tuple_ratio.save(tmp_path / "t.json")
     assert load_config(tmp_path / "t.json") == tuple_ratio
-    assert not math.isnan(resolved.budget)

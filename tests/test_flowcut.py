@@ -1,4 +1,7 @@
-"""FlowCut: prune number, entropy ratio, cumulative score, schedule, fp16 safety, generate() end to end."""
+"""FlowCut: prune number, entropy ratio, cumulative score, schedule, fp16 safety, generate() end to end.
+
+What every method must pass on every family (identity, KV caches, decode, remove, JSON, batches) is in
+test_conformance.py."""
 
 from __future__ import annotations
 
@@ -103,10 +106,8 @@ def test_two_phase_budget_solution():
     assert two_phase_ratios(1.0, 28, 2, 2.0) == (1.0, 1.0)
 
 
-def test_config_roundtrip_and_space(tmp_path):
+def test_search_space_and_bad_configs():  # the JSON round trip: test_conformance.py
     cfg = vflowopt.config_for("flowcut", budget=0.2, history_weight=0.6)
-    cfg.save(tmp_path / "f.json")
-    assert vflowopt.load_config(tmp_path / "f.json") == cfg
     space = type(cfg).search_space(0.2, 6)
     assert space.names == ("history_weight", "prune_every")
     assert space.candidate({"history_weight": 0.3, "prune_every": 2}).fields["prune_every"] == 2
@@ -124,13 +125,8 @@ def _vit_input_lengths(layers):
 
 @pytest.mark.parametrize("family", ["llava", "llava_onevision"])
 def test_end_to_end_llava(make_model, family):
-    model, proc = make_model(family, "sdpa")
+    model, proc = make_model(family, "sdpa")  # identity at budget 1.0: test_conformance.py
     inputs = one_image_inputs(proc)
-    with torch.no_grad():
-        ref = model(**inputs).logits
-    with vflowopt.pruned(model, vflowopt.config_for("flowcut", budget=1.0)):
-        with torch.no_grad():
-            assert torch.equal(model(**inputs).logits, ref)
     with vflowopt.pruned(model, vflowopt.config_for("flowcut", budget=0.3)) as h:
         layers = model.model.vision_tower.encoder.layers
         seen, hooks = _vit_input_lengths(layers)

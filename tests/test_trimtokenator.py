@@ -1,4 +1,7 @@
-"""TrimTokenator: alignment score, greedy RepMax, budget, identity, generate() on tiny models."""
+"""TrimTokenator: alignment score, greedy RepMax, budget, generate() on tiny models.
+
+What every method must pass on every family (identity, KV caches, decode, remove, JSON, batches) is in
+test_conformance.py."""
 
 from __future__ import annotations
 
@@ -70,10 +73,8 @@ def test_trim_select_counts_and_stage1():
     assert bool(trim_select(v, t, n1=16, n2=20).all())
 
 
-def test_config_roundtrip_and_space(tmp_path):
+def test_search_space_and_bad_configs():  # the JSON round trip: test_conformance.py
     cfg = vflowopt.config_for("trimtokenator", budget=0.2, stage1_ratio=0.9)
-    cfg.save(tmp_path / "t.json")
-    assert vflowopt.load_config(tmp_path / "t.json") == cfg
     space = type(cfg).search_space(0.2, 6)
     assert space.names == ("stage1_ratio",)
     assert space.candidate({"stage1_ratio": 0.7}).fields == {"stage1_ratio": 0.7}
@@ -82,14 +83,9 @@ def test_config_roundtrip_and_space(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_onevision"])
-def test_identity_and_budget_end_to_end(make_model, family):
+def test_budget_end_to_end(make_model, family):  # identity at budget 1.0: test_conformance.py
     model, proc = make_model(family, "sdpa")
     inputs = one_image_inputs(proc)
-    with torch.no_grad():
-        ref = model(**inputs).logits
-    with vflowopt.pruned(model, vflowopt.config_for("trimtokenator", budget=1.0)):
-        with torch.no_grad():
-            assert torch.equal(model(**inputs).logits, ref)
     with vflowopt.pruned(model, vflowopt.config_for("trimtokenator", budget=0.25)) as h:
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
