@@ -184,8 +184,10 @@ def test_batches_are_deterministic_by_seed():
 def test_evaluate_writes_documented_json(tiny_saved, tmp_path):
     _, _, path = tiny_saved
     out = tmp_path / "eval.json"
-    E.main(["--model", str(path), "--methods", "random,visionzip", "--budgets", "1.0,0.25", "--n", "5",
-            "--json", str(out), "--threads", "2"])
+    from vflowopt.cli import main as cli_main
+
+    assert cli_main(["eval", "--model", str(path), "--methods", "random,visionzip", "--budgets", "1.0,0.25",
+                     "--n", "5", "--json", str(out), "--threads", "2"]) == 0
     result = json.loads(out.read_text())
     assert result["n"] == 5 and result["question_types"] == list(S.QUESTION_TYPES)
     assert set(result["full"]) == {"accuracy", "per_type"}
