@@ -87,7 +87,10 @@ def prune(model: nn.Module, config: PruneConfig) -> PruneHandle:
             f"this strategy was made for an LLM with {config.num_layers} layers; this model has "
             f"{adapter.num_llm_layers}"
         )
-    _, method_cls = method_entry(config.method)
+    config_cls, method_cls = method_entry(config.method)
+    if not isinstance(config, config_cls):
+        raise ConfigError(f"a {type(config).__name__} is not a config of method '{config.method}' "
+                          f"(that is {config_cls.__name__})")
     resolved = config.resolve(adapter)
     method = method_cls(resolved, adapter)
     engine = PruningEngine(model, adapter, method, positions=resolved.positions)
