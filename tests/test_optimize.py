@@ -302,6 +302,16 @@ def test_cli_default_data_and_model(capsys, tmp_path, monkeypatch):
     assert (tmp_path / "vflowopt-budget0.5.json").is_file() and (tmp_path / "vflowopt-study.db").is_file()
 
 
+def test_cli_checks_the_space_against_the_loaded_models_depth(capsys, tmp_path, monkeypatch):
+    """FastV at 0.25 needs K <= 2 on the 8-layer shipped model: accepted (it was once checked against a
+    hard-coded 3-layer depth and refused); a budget the depth cannot meet is refused after loading."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["optimize", "--method", "fastv", "--budget", "0.25", "--trials", "1", "--samples", "2"]) == 0
+    assert (tmp_path / "fastv-budget0.25.json").is_file()
+    assert main(["optimize", "--method", "fastv", "--budget", "0.1", "--trials", "1", "--samples", "2"]) == 2
+    assert "budget" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "content, message",
     [

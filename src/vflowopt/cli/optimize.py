@@ -94,11 +94,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
 
     console = Console()
     try:  # fail fast, before any model is loaded
-        cfg = vflowopt.config_for(args.method, budget=args.budget)
-        cfg.validate()
-        from vflowopt.search.space import space_for
-
-        space_for(args.method, args.budget, 3)  # the method declares a search space
+        vflowopt.config_for(args.method, budget=args.budget)  # validated at construction
     except vflowopt.ConfigError as exc:
         raise CLIError(str(exc)) from None
     if args.startup_trials < 0:
@@ -110,6 +106,13 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     from vflowopt.tiny import build_inputs
 
     model, processor, model_name = _model_for(args, console)
+    try:  # the method declares a search space that this model's depth can realise at this budget
+        from vflowopt.models.base import adapter_for
+        from vflowopt.search.space import space_for
+
+        space_for(args.method, args.budget, adapter_for(model).num_llm_layers)
+    except vflowopt.ConfigError as exc:
+        raise CLIError(str(exc)) from None
 
     samples = []
     for rec in records:
