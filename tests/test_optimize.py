@@ -362,3 +362,11 @@ def test_cli_bad_storage_and_mixed_study(capsys, tmp_path, monkeypatch):
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("vflowopt: error:") and "another budget" in last
+
+
+def test_in_memory_sqlite_runs_without_a_heartbeat_traceback(tiny, samples, capfd):
+    model, _ = tiny
+    result = _run(model, samples, trials=2, storage="sqlite:///:memory:")
+    assert result.trials_complete == 2 and "in-memory" in result.storage
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "no such table" not in err

@@ -116,9 +116,14 @@ def open_storage(storage):
     if "://" not in text:
         path = Path(text).expanduser().resolve()
         text = f"sqlite:///{path}"
+    if text in ("sqlite://", "sqlite:///:memory:"):
+        # An in-memory SQLite database exists per connection, so the heartbeat thread's connection would
+        # see no tables (a traceback in that thread): keep such a study in Optuna's in-memory storage,
+        # which is what the URL asks for (nothing persists, nothing to resume).
+        return optuna.storages.InMemoryStorage(), f"{text} (in-memory, not resumable)"
     if text.startswith("sqlite:///"):
         db = Path(text[len("sqlite:///"):])
-        if str(db) not in ("", ":memory:") and not db.parent.is_dir():
+        if str(db) != "" and not db.parent.is_dir():
             raise ConfigError(f"cannot open study storage {text}: folder {db.parent} does not exist")
     try:
         with warnings.catch_warnings():
