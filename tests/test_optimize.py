@@ -121,6 +121,24 @@ def test_same_seed_same_strategy_and_resume_matches_uninterrupted(tiny, samples,
     assert _run(model, samples, trials=3, seed=3, storage=db).trials_new == 0
 
 
+def test_a_killed_trial_does_not_change_what_the_resumed_run_proposes(tiny, samples, tmp_path):
+    """As after `kill -9` mid-trial: the study holds a RUNNING (then FAIL) trial between the two runs;
+    the resumed run proposes the same points, and finds the same strategy, as an uninterrupted one."""
+    model, _ = tiny
+    straight = _run(model, samples, trials=5, seed=4, n_startup_trials=3)
+    db = f"sqlite:///{tmp_path / 'killed.db'}"
+    _run(model, samples, trials=2, seed=4, n_startup_trials=3, storage=db)
+    storage = optuna.storages.RDBStorage(db)
+    study = optuna.load_study(study_name="vflowopt-budget0.25", storage=storage)
+    killed = study.ask()
+    killed.suggest_float("R1", 0.25, 0.375)
+    storage.set_trial_state_values(killed._trial_id, optuna.trial.TrialState.FAIL)  # what a stale heartbeat does
+    resumed = _run(model, samples, trials=5, seed=4, n_startup_trials=3, storage=db)
+    complete = [t.params for t in resumed.study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete == [t.params for t in straight.study.trials]
+    assert resumed.config.to_dict() == straight.config.to_dict()
+
+
 def test_leftover_running_trial_is_ignored(tiny, samples):
     model, _ = tiny
     db = optuna.storages.InMemoryStorage()

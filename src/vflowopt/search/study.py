@@ -198,10 +198,13 @@ def _seed_for(seed: int, number: int) -> int:
 
 
 class _SobolStartup:
-    """Optuna sampler for the startup points: point `trial.number` of a scrambled Sobol sequence over
-    the space (uniform, seeded, and continued rather than restarted when a study is resumed)."""
+    """Optuna sampler for the startup points: point `index` of a scrambled Sobol sequence over the space
+    (uniform, seeded, and continued rather than restarted when a study is resumed). The index is the
+    number of COMPLETE trials before this one, not Optuna's trial number, so a trial that a kill left
+    RUNNING (later FAIL) does not consume a point: an interrupted run proposes what an uninterrupted one
+    would have."""
 
-    def __init__(self, space: SearchSpace, seed: int):
+    def __init__(self, space: SearchSpace, seed: int, index: int):
         import optuna
 
         self._base = optuna.samplers.BaseSampler
@@ -210,6 +213,7 @@ class _SobolStartup:
         self._index = {d.name: i for i, d in enumerate(space.dims)}
         self._points = np.zeros((0, len(space.dims)))
         self._fallback = optuna.samplers.RandomSampler(seed=seed)
+        self.index = int(index)
 
     def _point(self, n: int) -> np.ndarray:
         if n >= len(self._points):
@@ -224,7 +228,7 @@ class _SobolStartup:
 
         if name not in self._index or dist.single():
             return self._fallback.sample_independent(study, trial, name, dist)
-        u = float(self._point(trial.number)[self._index[name]])
+        u = float(self._point(self.index)[self._index[name]])
         log = getattr(dist, "log", False)
         if log:
             value = math.exp(math.log(dist.low) + u * (math.log(dist.high) - math.log(dist.low)))
@@ -239,7 +243,7 @@ class _SobolStartup:
 def _make_sampler(space: SearchSpace, seed: int, number: int, n_startup: int):
     import optuna
 
-    startup = _SobolStartup(space, seed)
+    startup = _SobolStartup(space, seed, number)
 
     class SobolStartupSampler(optuna.samplers.BaseSampler):
         def infer_relative_search_space(self, study, trial):
@@ -413,7 +417,7 @@ def _run(model, samples, budget, *, trials, seed, storage, method, study_name, b
     n_new = 0
     with _Progress(progress, total=trials, done=done_at_start, best=best_so_far()[0]) as bar:
         while len(_complete(study)) < trials:
-            number = len(study.get_trials(deepcopy=False))
+            number = len(_complete(study))  # the sequence index: COMPLETE trials only (see _SobolStartup)
             study.sampler = _make_sampler(space, seed, number, n_startup_trials)
             study.optimize(objective_fn, n_trials=1, callbacks=list(callbacks), gc_after_trial=False)
             n_new += 1
