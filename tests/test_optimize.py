@@ -388,3 +388,19 @@ def test_in_memory_sqlite_runs_without_a_heartbeat_traceback(tiny, samples, capf
     assert result.trials_complete == 2 and "in-memory" in result.storage
     err = capfd.readouterr().err
     assert "Traceback" not in err and "no such table" not in err
+
+
+def test_a_best_trial_worse_than_the_default_is_not_written_unless_asked(tiny, samples, tmp_path):
+    model, _ = tiny
+    # a box far from the default strategy (R1 at its lowest, the budget spent late): worse than the default
+    space = space_for("vflowopt", 0.25, 6).with_bounds(R1=(0.25, 0.26), R2=(1.0, 1.0))
+    out = tmp_path / "s.json"
+    result = run_optimization(model, samples, 0.25, trials=2, storage=optuna.storages.InMemoryStorage(),
+                              progress=False, space=space, out=out, n_startup_trials=2)
+    assert result.value < result.default_value  # deterministic on the tiny model and these samples
+    assert result.written == "default"
+    assert vflowopt.load_config(out).to_dict() == result.default_config.to_dict() == result.config.to_dict()
+    kept = run_optimization(model, samples, 0.25, trials=2, storage=optuna.storages.InMemoryStorage(),
+                            progress=False, space=space, out=out, n_startup_trials=2, keep_best=True)
+    assert kept.written == "best" and kept.config.retention[0] <= 0.26
+    assert vflowopt.load_config(out).retention == kept.config.retention

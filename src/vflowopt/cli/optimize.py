@@ -53,6 +53,9 @@ def _add_optimize(sub: argparse._SubParsersAction) -> None:
                    help=f"Optuna storage URL or SQLite file (default: {DEFAULT_STORAGE_FILE} next to --out)")
     p.add_argument("--study-name", metavar="NAME", help="default: <method>-budget<B>")
     p.add_argument("--out", metavar="FILE", help="strategy JSON to write (default: <study name>.json)")
+    p.add_argument("--keep-best", action="store_true",
+                   help="write the best trial's strategy even when it scores below the method's default "
+                        "strategy (by default the default is written then, and the output says so)")
     p.add_argument("--plot", metavar="FILE.png", help="write the optimization history (needs matplotlib)")
     p.add_argument("--seed", type=int, default=0, help="makes the search reproducible (default: 0)")
     p.add_argument("--startup-trials", type=int, default=DEFAULT_STARTUP_TRIALS, metavar="N",
@@ -128,7 +131,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         result = run_optimization(
             model, samples, args.budget, trials=args.trials, seed=args.seed, storage=args.storage,
             method=args.method, study_name=study_name, n_startup_trials=args.startup_trials,
-            progress=True, out=out,
+            progress=True, out=out, keep_best=args.keep_best,
         )
         if args.plot:
             plot_history(result, args.plot)
@@ -162,6 +165,7 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
         "default_objective": _round(result.default_value, 6),
         "search_space": result.space.summary(),
         "strategy": strategy,
+        "written": result.written,
         "out": str(out),
         "plot": args.plot,
     }
@@ -200,5 +204,8 @@ def _print_optimize_report(console, report: dict) -> None:
         if key in s:
             value = s[key]
             table.add_row(label, ", ".join(map(str, value)) if isinstance(value, list) else f"{value:.4g}")
+    if report["written"] == "default":
+        table.add_row("[yellow]note[/]", "the best trial scored below the method's default strategy, so the "
+                                         "default strategy was written (--keep-best writes the best trial's)")
     table.add_row("written to", escape(report["out"]) + (f"; plot: {escape(report['plot'])}" if report["plot"] else ""))
     console.print(table)

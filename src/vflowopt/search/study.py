@@ -72,8 +72,10 @@ _CHECKED_ATTRS = ("method", "model_family", "num_layers", "model_class", "model_
 class OptimizeResult:
     """Everything a run learned; `optimize()` returns only `config`."""
 
-    config: PruneConfig  # the best strategy, resolved against the model (model_family, num_layers set)
-    value: float  # its objective: Σ cos over the samples (n_samples at most)
+    # the strategy returned (and written to `out`), resolved against the model: the best trial's, or the
+    # method's default strategy when the best trial scored below it (unless keep_best), see `written`
+    config: PruneConfig
+    value: float  # the best trial's objective: Σ cos over the samples (n_samples at most)
     default_config: PruneConfig  # method's default for the budget, e.g. VFlowOptConfig(budget=B), resolved
     default_value: float
     n_samples: int
@@ -88,6 +90,7 @@ class OptimizeResult:
     history: list[tuple[int, float, bool]] = field(default_factory=list)  # (trial, value, feasible)
     nan_trials: int = 0
     study: Any = None
+    written: str = "best"  # "best" (the best trial's strategy) or "default" (it scored below the default)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -318,6 +321,7 @@ def run_optimization(
     out: str | os.PathLike | None = None,
     callbacks: Sequence[Callable] = (),
     cache_references: bool = True,
+    keep_best: bool = False,
 ) -> OptimizeResult:
     """`optimize` with the whole story returned (the CLI prints it). See `optimize` for arguments."""
     import optuna
@@ -329,13 +333,14 @@ def run_optimization(
             warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
             return _run(model, samples, budget, trials=trials, seed=seed, storage=storage, method=method,
                         study_name=study_name, base=base, space=space, n_startup_trials=n_startup_trials,
-                        progress=progress, out=out, callbacks=callbacks, cache_references=cache_references)
+                        progress=progress, out=out, callbacks=callbacks, cache_references=cache_references,
+                        keep_best=keep_best)
     finally:
         optuna.logging.set_verbosity(verbosity)
 
 
 def _run(model, samples, budget, *, trials, seed, storage, method, study_name, base, space, n_startup_trials,
-         progress, out, callbacks, cache_references) -> OptimizeResult:
+         progress, out, callbacks, cache_references, keep_best=False) -> OptimizeResult:
     import optuna
 
     from ..models.base import adapter_for
@@ -432,6 +437,9 @@ def _run(model, samples, budget, *, trials, seed, storage, method, study_name, b
         )
     best_trial = next(t for t in complete if t.number == best_number)
     config = _resolve(dataclasses.replace(base, **space.candidate(best_trial.params).fields), adapter)
+    written = "best"
+    if best_value < default_value and not keep_best:  # never hand back a strategy worse than the default
+        config, written = default_config, "default"
     if out is not None:
         config.save(out)
     history = [(t.number, float(t.value), _feasible_value(t, space) is not None) for t in complete]
@@ -441,6 +449,7 @@ def _run(model, samples, budget, *, trials, seed, storage, method, study_name, b
         n_samples=len(objective), study_name=study_name, storage=storage_name, best_trial=best_number,
         trials_complete=len(complete), trials_feasible=sum(1 for h in history if h[2]), trials_new=n_new,
         trials_running_ignored=running, space=space, history=history, nan_trials=nan_trials, study=study,
+        written=written,
     )
 
 
@@ -519,8 +528,10 @@ def optimize(
         the current directory.
     method: a registered method whose config declares `search_space` (see vflowopt.search.space).
 
-    Keyword arguments: study_name (default "<method>-budget<B>"), out (write the best strategy JSON
-    there, atomically), base (a config whose unsearched fields the candidates keep, e.g.
+    Keyword arguments: study_name (default "<method>-budget<B>"), out (write the strategy JSON there,
+    atomically), keep_best (default False: when the best trial scores below the method's default
+    strategy, the default is returned and written instead, and `run_optimization(...).written` says
+    so), base (a config whose unsearched fields the candidates keep, e.g.
     ``VFlowOptConfig(positions="compact")``), space (a custom `SearchSpace`), n_startup_trials
     (default 10), progress (rich progress bar on stderr, default True), callbacks (Optuna callbacks
     ``f(study, frozen_trial)``).
