@@ -33,6 +33,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("vflowopt.api",),
     ("vflowopt.search", "vflowopt.bench", "vflowopt.vqa"),
     ("vflowopt.cli", "vflowopt.__main__"),
+    ("vflowopt.integrations",),
 ]
 
 
