@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ..config import PruneConfig
+from ..config import PruneConfig, check_fraction
 from ..errors import ConfigError, PruningError
 from ..models.base import ModelAdapter
 from ..signals.llm_attention import attention_rows
@@ -151,3 +151,54 @@ class LastTokenAttentionMethod(PruningMethod):
                  hidden_states: torch.Tensor) -> torch.Tensor:
         scores = take_scores(self._scores, layer, current, self.name)
         return keep_top_per_image(scores, ctx.layout.tokens, current, self.fraction_at(layer))
+
+
+# -- methods that keep everything up to one LLM layer K, then a fraction (FastV, DART) --------------------
+def single_cut_keep_ratio(name: str, budget: float, layer: int, num_layers: int) -> float:
+    """r = (B·L − K)/(L − K): the fraction kept from layer K on that gives a mean retention B; a
+    ConfigError when layers 0..K−1 alone already spend more than B."""
+    r = (budget * num_layers - layer) / (num_layers - layer)
+    if r < -1e-9:
+        k_max = int(budget * num_layers + 1e-9)
+        earlier = (f"or an earlier layer (K <= {k_max})" if k_max >= 1 else
+                   f"(no layer K >= 1 reaches a budget below 1/{num_layers} = {1 / num_layers:.4f})")
+        raise ConfigError(
+            f"{name} keeps every visual token in layers 0..{layer - 1}, i.e. {layer}/{num_layers} = "
+            f"{layer / num_layers:.4f} of the mean retention already; budget {budget} is below that. Use a "
+            f"budget >= {layer / num_layers:.4f} {earlier}"
+        )
+    return min(1.0, max(0.0, r))
+
+
+def single_cut_budget(keep_ratio: float, layer: int, num_layers: int) -> float:
+    """The mean retention of keeping everything before layer K and `keep_ratio` from K on."""
+    return (layer + keep_ratio * (num_layers - layer)) / num_layers
+
+
+def single_cut_max_layer(name: str, budget: float, num_layers: int) -> int:
+    """The latest K that can meet the budget, min(L − 1, ⌊B·L⌋); a ConfigError when none >= 1 can."""
+    check_fraction("budget", budget, allow_zero=False)
+    hi = min(num_layers - 1, int(budget * num_layers + 1e-9))
+    if hi < 1:
+        raise ConfigError(f"{name} cannot meet budget {budget} on {num_layers} layers with any K >= 1")
+    return hi
+
+
+def resolve_single_cut(name: str, config: PruneConfig, adapter: ModelAdapter,
+                       default_layer: int) -> tuple[float, int, float]:
+    """(budget, K, keep_ratio) of a single-cut config (fields `budget`, `layer`, `keep_ratio`) on this
+    model: K defaults to `default_layer` (or the model's first allowed pruning layer if later); the one
+    of budget and keep_ratio not given is solved from the other, and both given must agree."""
+    n_layers = adapter.num_llm_layers
+    layer = config.layer if config.layer is not None else max(default_layer, adapter.min_llm_prune_layer)
+    check_prune_layers("layer (K)", (layer,), adapter)
+    if config.keep_ratio is None:
+        return config.budget, layer, single_cut_keep_ratio(name, config.budget, layer, n_layers)
+    keep_ratio = float(config.keep_ratio)
+    budget = single_cut_budget(keep_ratio, layer, n_layers)
+    if config.budget is not None and abs(budget - config.budget) > 1e-3:
+        raise ConfigError(
+            f"keep_ratio {keep_ratio} at layer {layer} of {n_layers} gives a mean retention of "
+            f"{budget:.4f}, not the budget {config.budget}; give one of budget and keep_ratio"
+        )
+    return (config.budget if config.budget is not None else budget), layer, keep_ratio

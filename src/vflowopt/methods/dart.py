@@ -42,7 +42,7 @@ from ..models.base import ModelAdapter
 from ..registry import register_method
 from ..spaces import Candidate, Dim, SearchSpace
 from .base import PrefillContext, PruningMethod, image_counts
-from .common import check_layer_int, check_prune_layers
+from .common import check_layer_int, resolve_single_cut, single_cut_keep_ratio, single_cut_max_layer
 
 DEFAULT_LAYER = 2  # the paper's K for LLaVA-1.5 (and the official Qwen2-VL scripts)
 MAX_SEARCHED_PIVOTS = 16
@@ -50,21 +50,7 @@ MAX_SEARCHED_PIVOTS = 16
 
 def dart_keep_ratio(budget: float, layer: int, num_layers: int) -> float:
     """r = (B·L − K)/(L − K): the fraction kept from layer K on that gives a mean retention B."""
-    r = (budget * num_layers - layer) / (num_layers - layer)
-    if r < -1e-9:
-        k_max = int(budget * num_layers + 1e-9)
-        earlier = (f"or an earlier layer (K <= {k_max})" if k_max >= 1 else
-                   f"(no layer K >= 1 reaches a budget below 1/{num_layers} = {1 / num_layers:.4f})")
-        raise ConfigError(
-            f"DART keeps every visual token in layers 0..{layer - 1}, i.e. {layer}/{num_layers} = "
-            f"{layer / num_layers:.4f} of the mean retention already; budget {budget} is below that. Use a "
-            f"budget >= {layer / num_layers:.4f} {earlier}"
-        )
-    return min(1.0, max(0.0, r))
-
-
-def dart_budget(keep_ratio: float, layer: int, num_layers: int) -> float:
-    return (layer + keep_ratio * (num_layers - layer)) / num_layers
+    return single_cut_keep_ratio("DART", budget, layer, num_layers)
 
 
 def split_quota(total: int, parts: int) -> list[int]:
@@ -145,10 +131,7 @@ class DARTConfig(PruneConfig):
         """K ∈ [1, min(L − 1, ⌊B·L⌋)] (the kept fraction after K is solved from the budget), and the pivot
         counts: image pivots ∈ [1, 16], text pivots ∈ [0, 16]. On a model with a later first pruning
         layer (Qwen3-VL) narrow the box with `space.with_bounds(K=(first, ...))`."""
-        check_fraction("budget", budget, allow_zero=False)
-        hi = min(num_layers - 1, int(budget * num_layers + 1e-9))
-        if hi < 1:
-            raise ConfigError(f"DART cannot meet budget {budget} on {num_layers} layers with any K >= 1")
+        hi = single_cut_max_layer("DART", budget, num_layers)
 
         def build(p) -> Candidate:
             k = int(round(p["K"]))
@@ -168,23 +151,9 @@ class DARTConfig(PruneConfig):
 
     def resolve(self, adapter: ModelAdapter) -> DARTConfig:
         self.validate()
-        n_layers = adapter.num_llm_layers
-        layer = self.layer if self.layer is not None else max(DEFAULT_LAYER, adapter.min_llm_prune_layer)
-        check_prune_layers("layer (K)", (layer,), adapter)
-        if self.keep_ratio is None:
-            keep_ratio = dart_keep_ratio(self.budget, layer, n_layers)
-            budget = self.budget
-        else:
-            keep_ratio = float(self.keep_ratio)
-            budget = dart_budget(keep_ratio, layer, n_layers)
-            if self.budget is not None and abs(budget - self.budget) > 1e-3:
-                raise ConfigError(
-                    f"keep_ratio {keep_ratio} at layer {layer} of {n_layers} gives a mean retention of "
-                    f"{budget:.4f}, not the budget {self.budget}; give one of budget and keep_ratio"
-                )
-            budget = self.budget if self.budget is not None else budget
+        budget, layer, keep_ratio = resolve_single_cut("DART", self, adapter, DEFAULT_LAYER)
         return replace(self, budget=budget, layer=layer, keep_ratio=keep_ratio, model_family=adapter.family,
-                       num_layers=n_layers)
+                       num_layers=adapter.num_llm_layers)
 
 
 class DARTMethod(PruningMethod):

@@ -30,7 +30,9 @@ from ..spaces import Candidate, Dim, SearchSpace
 from .common import (
     LastTokenAttentionMethod,
     check_layer_int,
-    check_prune_layers,
+    resolve_single_cut,
+    single_cut_keep_ratio,
+    single_cut_max_layer,
 )
 
 DEFAULT_LAYER = 2  # the paper's K
@@ -39,18 +41,7 @@ DEFAULT_LAYER = 2  # the paper's K
 # -- FastV ----------------------------------------------------------------------------------------------
 def fastv_keep_ratio(budget: float, layer: int, num_layers: int) -> float:
     """r = (B·L − K)/(L − K): the fraction kept from layer K on that gives a mean retention B."""
-    r = (budget * num_layers - layer) / (num_layers - layer)
-    if r < -1e-9:
-        raise ConfigError(
-            f"FastV keeps every visual token in layers 0..{layer - 1}, i.e. {layer}/{num_layers} = "
-            f"{layer / num_layers:.4f} of the mean retention already; budget {budget} is below that. Use a "
-            f"budget >= {layer / num_layers:.4f} or an earlier layer (K <= {int(budget * num_layers)})"
-        )
-    return min(1.0, max(0.0, r))
-
-
-def fastv_budget(keep_ratio: float, layer: int, num_layers: int) -> float:
-    return (layer + keep_ratio * (num_layers - layer)) / num_layers
+    return single_cut_keep_ratio("FastV", budget, layer, num_layers)
 
 
 @dataclass
@@ -79,10 +70,7 @@ class FastVConfig(PruneConfig):
         """One integer dimension, K ∈ [1, min(L − 1, ⌊B·L⌋)] (beyond ⌊B·L⌋ the budget is spent before
         the cut); the kept fraction is solved from the budget. On a model with a later first pruning
         layer (Qwen3-VL) narrow the box with `space.with_bounds(K=(first, ...))`."""
-        check_fraction("budget", budget, allow_zero=False)
-        hi = min(num_layers - 1, int(budget * num_layers + 1e-9))
-        if hi < 1:
-            raise ConfigError(f"FastV cannot meet budget {budget} on {num_layers} layers with any K >= 1")
+        hi = single_cut_max_layer("FastV", budget, num_layers)
 
         def build(p) -> Candidate:
             k = int(round(p["K"]))
@@ -97,23 +85,9 @@ class FastVConfig(PruneConfig):
 
     def resolve(self, adapter: ModelAdapter) -> FastVConfig:
         self.validate()
-        n_layers = adapter.num_llm_layers
-        layer = self.layer if self.layer is not None else max(DEFAULT_LAYER, adapter.min_llm_prune_layer)
-        check_prune_layers("layer (K)", (layer,), adapter)
-        if self.keep_ratio is None:
-            keep_ratio = fastv_keep_ratio(self.budget, layer, n_layers)
-            budget = self.budget
-        else:
-            keep_ratio = float(self.keep_ratio)
-            budget = fastv_budget(keep_ratio, layer, n_layers)
-            if self.budget is not None and abs(budget - self.budget) > 1e-3:
-                raise ConfigError(
-                    f"keep_ratio {keep_ratio} at layer {layer} of {n_layers} gives a mean retention of "
-                    f"{budget:.4f}, not the budget {self.budget}; give one of budget and keep_ratio"
-                )
-            budget = self.budget if self.budget is not None else budget
+        budget, layer, keep_ratio = resolve_single_cut("FastV", self, adapter, DEFAULT_LAYER)
         return replace(self, budget=budget, layer=layer, keep_ratio=keep_ratio, model_family=adapter.family,
-                       num_layers=n_layers)
+                       num_layers=adapter.num_llm_layers)
 
 
 class FastVMethod(LastTokenAttentionMethod):
