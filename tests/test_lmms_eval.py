@@ -52,7 +52,8 @@ def test_the_entry_point_registers_every_wrapper():
     import lmms_eval.models as registry
 
     eps = [ep for ep in entry_points(group="lmms_eval.models") if ep.value.startswith("vflowopt.")]
-    assert [ep.value for ep in eps] == ["vflowopt.integrations.lmms_eval:manifests"]
+    assert [ep.value for ep in eps] == ["vflowopt.integrations.lmms_eval:manifests"], (
+        "vflowopt's lmms_eval.models entry point is not registered: reinstall vflowopt (pip install -e .)")
     ids = {m.model_id: m for m in plugin.manifests()}
     assert set(ids) == {"vflowopt_llava_hf", "vflowopt_qwen2_vl", "vflowopt_qwen2_5_vl", "vflowopt_qwen3_vl"}
     for model_id, spec in plugin.WRAPPERS.items():

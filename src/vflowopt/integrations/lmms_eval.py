@@ -258,13 +258,14 @@ WRAPPERS_ATTN_PARAM = "attn_implementation"
 
 
 def wrapper_params(base: type) -> tuple[str, ...]:
-    """Names the lmms-eval wrapper's ``__init__`` takes (its ``**kwargs`` excluded)."""
+    """Names the lmms-eval wrapper's ``__init__`` takes (its ``**kwargs`` excluded), plus ``attn_implementation``
+    for a wrapper that only has a flash-attention flag (resolve_wrapper_args turns it into the flag or a
+    setting applied after loading)."""
     params = inspect.signature(base.__init__).parameters.values()
     names = [p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self"]
     if WRAPPERS_ATTN_PARAM not in names:
         names.append(WRAPPERS_ATTN_PARAM)
     return tuple(names)
-
 
 
 def read_model_type(pretrained: str, **kwargs: Any) -> str:
