@@ -21,18 +21,26 @@ OLD_STAMP := $(OLD)/.install.stamp
 
 .venv: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+# lmms-eval (the integration's tests) goes in without its dependencies, which would replace the CPU torch:
+# its own package, then the small set its imports need (requirements-lmms-eval.txt).
+LMMS_EVAL_SPEC ?= lmms-eval==0.7.3
+
+$(STAMP): pyproject.toml constraints.txt requirements-lmms-eval.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install --no-deps "$(LMMS_EVAL_SPEC)"
+	$(BIN)/python -m pip install -c constraints.txt -r requirements-lmms-eval.txt
 	touch $(STAMP)
 
-$(OLD_STAMP): pyproject.toml constraints.txt Makefile
+$(OLD_STAMP): pyproject.toml constraints.txt requirements-lmms-eval.txt Makefile
 	test -x $(OLD)/bin/python || $(PYTHON) -m venv $(OLD)
 	$(OLD)/bin/python -m pip install "$(TORCH_SPEC)"
 	grep -v '^transformers==' constraints.txt > $(OLD)/constraints.txt
 	echo "transformers==$(TRANSFORMERS_OLDEST)" >> $(OLD)/constraints.txt
 	$(OLD)/bin/python -m pip install -c $(OLD)/constraints.txt -e ".[dev]"
+	$(OLD)/bin/python -m pip install --no-deps "$(LMMS_EVAL_SPEC)"
+	$(OLD)/bin/python -m pip install -c $(OLD)/constraints.txt -r requirements-lmms-eval.txt
 	touch $(OLD_STAMP)
 
 test: test-newest test-oldest
