@@ -135,3 +135,30 @@ def test_grey_level_is_the_rounded_float_mean_not_the_official_truncation():
     levels = grey_levels(patch, mean, std).flatten().tolist()
     assert levels == [11, 12, 12, 12] and math.isclose(ours, -(0.25 * math.log(0.25) + 0.75 * math.log(0.75)),
                                                       rel_tol=1e-6)
+
+
+def test_vflowopt_reports_its_calibration_set_and_warns_once_when_empty(make_model):
+    import warnings
+
+    import vflowopt
+    from conftest import one_image_inputs
+
+    model, proc = make_model("llava_onevision", "sdpa")
+    inputs = one_image_inputs(proc)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with vflowopt.pruned(model, vflowopt.VFlowOptConfig(budget=0.5, threshold=1e6)) as h, torch.no_grad():
+            model(**inputs)
+            model(**inputs)
+            info = h.stats.method_info
+    n = len(info["calibration_set_size"])
+    assert n >= 1 and info["calibration_empty"] == n and set(info["calibration_set_size"]) == {0}
+    assert sum("calibration set K was empty" in str(w.message) for w in caught) == 1  # once per handle
+    with vflowopt.pruned(model, vflowopt.VFlowOptConfig(budget=0.5, threshold=0.0)) as h, torch.no_grad():
+        model(**inputs)
+        info = h.stats.method_info
+    assert info["calibration_empty"] == 0 and min(info["calibration_set_size"]) >= 1
+    assert all(0.0 < m <= 1.0 for m in info["calibration_mass"])
+    with vflowopt.pruned(model, vflowopt.config_for("random", budget=0.5)) as h, torch.no_grad():
+        model(**inputs)
+        assert h.stats.method_info == {}

@@ -13,6 +13,7 @@ strategy, or a model/image that could not be loaded, 130 an optimization interru
 from __future__ import annotations
 
 import argparse
+import warnings
 from collections.abc import Sequence
 
 from ..version import __version__
@@ -43,7 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings on the command line are one line for the user, not a pointer into the source."""
+    return f"warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning
     parser = build_parser()
     try:
         args = parser.parse_args(list(argv) if argv is not None else None)

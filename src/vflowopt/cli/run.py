@@ -182,6 +182,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         "mean_retention": _round(stats.mean_retention),
         "prefill_ms": _round(prefill_ms, 2),
         "pruning_ms": _round(stats.pruning_ms, 2),
+        "method_info": dict(stats.method_info),
         "generate_ms": _round(generate_ms, 2),
         "device": args.device,
     }
@@ -222,6 +223,16 @@ def _print_report(console, report: dict, stats) -> None:
     if stats.stages:
         table.add_row("visual tokens kept", ", ".join(f"{name}: {n}" for name, n in stats.stages))
         table.add_row("  of which recycled", str(report["recycled_tokens"]))
+    info = report.get("method_info") or {}
+    if "calibration_set_size" in info:
+        sizes, mass = info["calibration_set_size"], info["calibration_mass"]
+        if info["calibration_empty"] == len(sizes):
+            text = (f"empty (no token above t = {info['threshold']:g}x the mean attention): every token's "
+                    "attention was used")
+        else:
+            text = (f"|K| {', '.join(map(str, sizes))} per crop/image, holding "
+                    f"{', '.join(f'{100 * m:.0f}%' for m in mass)} of the attention")
+        table.add_row("calibration set K", text)
     table.add_row("tokens into the LLM", f"{report['tokens_into_llm']} of {report['prompt_tokens']} prompt tokens")
     table.add_row("KV tokens per layer", _layer_ranges(report["kv_tokens_per_layer"]))
     table.add_row("mean retention", f"{report['mean_retention']:.4f}")

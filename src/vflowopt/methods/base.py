@@ -133,6 +133,11 @@ class PruningMethod:
         (B, n, D) replace the hidden states of the `replaced` ones (merged tokens, e.g. SparseVLM)."""
         return torch.ones_like(current, dtype=torch.bool)
 
+    def diagnostics(self) -> dict:
+        """What this prefill's signals looked like, for `handle.stats.method_info` (read right after
+        `before_llm`); empty by default."""
+        return {}
+
     def reset(self) -> None:
         """Drop per-forward signals (called after each prefill, used or not)."""
 

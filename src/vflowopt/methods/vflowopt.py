@@ -11,6 +11,7 @@ those at stage_layers[1]. Every image is ranked on its own and keeps its share o
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -197,16 +198,22 @@ class VFlowOptConfig(PruneConfig):
         )
 
 
-def calibrated_attention(probs: torch.Tensor, threshold: float, reduce: str = "sum") -> torch.Tensor:
-    """(n, N, N) head-averaged attention (rows = queries) -> (n, N) attention from the set K.
-
-    K holds the tokens whose received attention Σ_i A_ij exceeds t·(1/N)·Σ_ij A_ij; an empty K
-    falls back to all tokens, so the result is always finite.
-    """
+def calibration_set(probs: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, N, N) head-averaged attention (rows = queries) -> ((n, N) bool K before any fallback,
+    (n, N) attention received Σ_i A_ij). K holds the tokens whose received attention exceeds
+    t·(1/N)·Σ_ij A_ij, i.e. t times the mean."""
     n_tok = probs.shape[-1]
     received = probs.sum(dim=-2)  # (n, N)
     tau = threshold * probs.sum(dim=(-2, -1), keepdim=False).unsqueeze(-1) / n_tok
-    in_k = received > tau
+    return received > tau, received
+
+
+def calibrated_attention(probs: torch.Tensor, threshold: float, reduce: str = "sum") -> torch.Tensor:
+    """(n, N, N) head-averaged attention (rows = queries) -> (n, N) attention from the set K.
+
+    An empty K falls back to all tokens, so the result is always finite.
+    """
+    in_k, _ = calibration_set(probs, threshold)
     in_k = torch.where(in_k.any(-1, keepdim=True), in_k, torch.ones_like(in_k))
     score = (probs * in_k.unsqueeze(-1).to(probs.dtype)).sum(dim=-2)
     if reduce == "mean":
@@ -224,9 +231,36 @@ class VFlowOptMethod(PruningMethod):
         self.llm_layers = tuple(config.stage_layers)
         self._attention: torch.Tensor | None = None
         self._entropy: torch.Tensor | None = None
+        self._calibration: dict = {}
+        self._warned_empty = False
 
     def reset(self) -> None:
         self._attention = self._entropy = None
+        self._calibration = {}
+
+    def diagnostics(self) -> dict:
+        return dict(self._calibration)
+
+    def _record_calibration(self, probs_rows: list[torch.Tensor]) -> None:
+        """|K| and the share of all received attention that K holds, per crop (or image), and a one-time
+        warning when K was empty (the fallback, every token, was used): see README "VFlowOpt's calibration"."""
+        sizes, mass, empty = [], [], 0
+        for p in probs_rows:
+            in_k, received = calibration_set(p, self.config.threshold)
+            for row_k, row_r in zip(in_k, received):
+                n = int(row_k.sum())
+                sizes.append(n)
+                mass.append(round(float(row_r[row_k].sum() / row_r.sum().clamp_min(1e-30)), 4) if n else 0.0)
+                empty += n == 0
+        self._calibration = {"calibration_set_size": sizes, "calibration_mass": mass, "calibration_empty": empty,
+                             "threshold": float(self.config.threshold)}
+        if empty and not self._warned_empty:
+            self._warned_empty = True
+            warnings.warn(
+                f"vflowopt: the calibration set K was empty in {empty} of {len(sizes)} crops/images (no token "
+                f"received more than t = {self.config.threshold:g} times the mean attention), so every token's "
+                "attention was used instead; this vision encoder may have no sink tokens at this layer (see "
+                "stats.method_info and the README's 'VFlowOpt's calibration set')", stacklevel=2)
 
     def on_pixels(self, pixel_values: torch.Tensor) -> None:
         h = self.adapter.patch_entropy(pixel_values, self.config.image_mean, self.config.image_std)
@@ -235,6 +269,7 @@ class VFlowOptMethod(PruningMethod):
 
     def on_vision_attention(self, probs) -> None:
         skip = self.adapter.vit_prefix_tokens
+        self._record_calibration([probs] if torch.is_tensor(probs) else [p[None] for p in probs])
         if torch.is_tensor(probs):
             self._attention = calibrated_attention(probs, self.config.threshold, self.config.calibration)[:, skip:]
         else:

@@ -255,6 +255,7 @@ class PruningEngine:
         vision_s = self.vision.seconds if self.vision is not None else 0.0
         self._run.pruning_s = self._vision_s + vision_s + time.perf_counter() - t0
         self.stats = self._prefill_stats(ctx, sel, keep_vis, self._run.plan)
+        self.stats.method_info = dict(self.method.diagnostics())
         self._n_crops = None
         return kwargs
 

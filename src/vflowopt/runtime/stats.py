@@ -26,6 +26,9 @@ class PruneStats:
     recycled_tokens: int = 0
     batch_size: int = 0
     pruning_ms: float = 0.0
+    # What the method reports about its own signals for this prefill (PruningMethod.diagnostics), e.g.
+    # VFlowOpt's calibration set: {"calibration_set_size": [...], "calibration_mass": [...], ...}.
+    method_info: dict = field(default_factory=dict)
 
     @property
     def mean_retention(self) -> float:
