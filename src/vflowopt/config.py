@@ -19,7 +19,7 @@ import typing
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .errors import ConfigError
+from .errors import ConfigError, NoSearchSpace
 from .registry import available_methods, method_entry, register_method
 
 __all__ = ["ConfigError", "PruneConfig", "available_methods", "config_for", "load_config", "register_method",
@@ -65,7 +65,7 @@ class PruneConfig(abc.ABC):
     def search_space(cls, budget: float, num_layers: int, *, stage_layers: tuple[int, ...] | None = None,
                      grid_side: int | None = None) -> Any:
         """The box `optimize` searches (a `vflowopt.spaces.SearchSpace`); by default none."""
-        raise ConfigError(
+        raise NoSearchSpace(
             f"method '{cls.method}' declares no search space, so it cannot be optimized; give its config class "
             "a classmethod search_space(budget, num_layers, ...) returning a vflowopt.spaces.SearchSpace"
         )

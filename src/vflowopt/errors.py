@@ -7,3 +7,7 @@ class ConfigError(ValueError):
 
 class PruningError(RuntimeError):
     """A forward that the runtime cannot prune; the message says why and what to do instead."""
+
+
+class NoSearchSpace(ConfigError):
+    """A method with nothing to tune besides the budget: `optimize` evaluates its default strategy."""

@@ -8,15 +8,15 @@ import math
 import torch
 
 from ..config import PruneConfig, check_fraction
-from ..errors import ConfigError, PruningError
+from ..errors import ConfigError, NoSearchSpace, PruningError
 from ..models.base import ModelAdapter
 from ..signals.llm_attention import attention_rows
 from .base import PrefillContext, PruningMethod, image_counts, keep_top_per_image, topk_per_group  # noqa: F401
 
 
 # -- methods that prune once before the LLM ----------------------------------------------------------
-def no_search_space(method: str, why: str) -> ConfigError:
-    return ConfigError(
+def no_search_space(method: str, why: str) -> NoSearchSpace:
+    return NoSearchSpace(
         f"method '{method}' has no numeric hyper-parameter to optimize besides the budget ({why}); "
         "compare it at fixed budgets instead"
     )

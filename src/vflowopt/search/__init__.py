@@ -1,10 +1,12 @@
 """Strategy optimization (VFlowOpt paper 3.3): objective, search spaces, the Optuna study, data.
 
-`vflowopt.optimize(model, samples, budget)` is the entry point; `run_optimization` returns the whole
-run (best and default objectives, trial counts, history) for reports such as the CLI's.
+`vflowopt.optimize(model, samples, budget, method=...)` is the entry point; `run_optimization` (one
+method) and `run_method_search` (several, ranked) return the whole run for reports such as the CLI's.
 """
 
 from .objective import Evaluation, Objective
+from .optimizer import optimize
+from .ranking import MethodRank, MethodSearchResult, run_method_search
 from .space import Candidate, Dim, SearchSpace, space_for
 from .study import (
     DEFAULT_SAMPLES,
@@ -14,7 +16,6 @@ from .study import (
     OptimizeResult,
     default_study_name,
     open_storage,
-    optimize,
     run_optimization,
 )
 
@@ -26,12 +27,15 @@ __all__ = [
     "Candidate",
     "Dim",
     "Evaluation",
+    "MethodRank",
+    "MethodSearchResult",
     "Objective",
     "OptimizeResult",
     "SearchSpace",
     "default_study_name",
     "open_storage",
     "optimize",
+    "run_method_search",
     "run_optimization",
     "space_for",
 ]

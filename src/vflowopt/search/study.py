@@ -24,13 +24,23 @@ trial is committed when it finishes, so Ctrl-C or a kill loses at most the trial
 left RUNNING by a kill is ignored (never counted); with a database URL the storage keeps heartbeats
 and marks such trials FAIL once they are stale (`STALE_AFTER_S`). The study records the model,
 budget, method, samples and search box in its user attrs and refuses to mix in another.
+
+Several processes on one storage. Each trial is tagged with its process (host:pid). A run counts the
+COMPLETE trials plus the RUNNING ones of live processes; when these reach `trials` it waits for them
+instead of starting another, and a trial that finds the total already claimed by lower-numbered
+trials (two processes asked at the same instant) gives itself up (PRUNED). So the study ends with
+exactly `trials` COMPLETE trials however many processes share it. A RUNNING trial of a process that is
+gone (same host, pid not alive) does not count; on another host, the database heartbeat decides.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import os
+import socket
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +51,7 @@ import numpy as np
 from torch import nn
 
 from ..config import ConfigError, PruneConfig, config_for
+from ..errors import PruningError
 from ..version import __version__
 from .objective import Evaluation, Objective, model_fingerprint, samples_fingerprint
 from .space import SearchSpace, space_for
@@ -53,7 +64,6 @@ __all__ = [
     "OptimizeResult",
     "default_study_name",
     "open_storage",
-    "optimize",
     "run_optimization",
 ]
 
@@ -76,8 +86,10 @@ class OptimizeResult:
     # method's default strategy when the best trial scored below it (unless keep_best), see `written`
     config: PruneConfig
     value: float  # the best trial's objective: Σ cos over the samples (n_samples at most)
-    default_config: PruneConfig  # method's default for the budget, e.g. VFlowOptConfig(budget=B), resolved
-    default_value: float
+    # the method's default for the budget, e.g. VFlowOptConfig(budget=B), resolved; None (and
+    # default_value None) when the default cannot meet the budget on this model but points of the box can
+    default_config: PruneConfig | None
+    default_value: float | None
     n_samples: int
     study_name: str
     storage: str
@@ -86,11 +98,14 @@ class OptimizeResult:
     trials_feasible: int
     trials_new: int  # run by this call
     trials_running_ignored: int
-    space: SearchSpace
+    space: SearchSpace | None  # None: the method has nothing to tune (its default was evaluated)
     history: list[tuple[int, float, bool]] = field(default_factory=list)  # (trial, value, feasible)
     nan_trials: int = 0
     study: Any = None
     written: str = "best"  # "best" (the best trial's strategy) or "default" (it scored below the default)
+    mean_retention: float | None = None  # measured mean retention of `config` on the samples
+    default_retention: float | None = None
+    default_refused: str | None = None  # why the method's default strategy could not run here
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -322,8 +337,15 @@ def run_optimization(
     callbacks: Sequence[Callable] = (),
     cache_references: bool = True,
     keep_best: bool = False,
+    objective: Objective | None = None,
+    tune: bool = True,
+    progress_label: str | None = None,
 ) -> OptimizeResult:
-    """`optimize` with the whole story returned (the CLI prints it). See `optimize` for arguments."""
+    """`optimize` of one method with the whole story returned (the CLI prints it); see `optimize`.
+
+    objective: an `Objective` on these samples to share (its unpruned references are computed once,
+    e.g. across the methods of `vflowopt.search.ranking`). tune=False evaluates the method's default
+    strategy only (a method with nothing to tune), recorded in the study like any other."""
     import optuna
 
     verbosity = optuna.logging.get_verbosity()
@@ -334,21 +356,26 @@ def run_optimization(
             return _run(model, samples, budget, trials=trials, seed=seed, storage=storage, method=method,
                         study_name=study_name, base=base, space=space, n_startup_trials=n_startup_trials,
                         progress=progress, out=out, callbacks=callbacks, cache_references=cache_references,
-                        keep_best=keep_best)
+                        keep_best=keep_best, objective=objective, tune=tune, progress_label=progress_label)
     finally:
         optuna.logging.set_verbosity(verbosity)
 
 
+def check_trials(trials, n_startup_trials) -> None:
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+        raise ConfigError(f"trials must be a whole number >= 1, got {trials!r}")
+    if not isinstance(n_startup_trials, int) or isinstance(n_startup_trials, bool) or n_startup_trials < 0:
+        raise ConfigError(f"n_startup_trials must be a whole number >= 0, got {n_startup_trials!r}")
+
+
 def _run(model, samples, budget, *, trials, seed, storage, method, study_name, base, space, n_startup_trials,
-         progress, out, callbacks, cache_references, keep_best=False) -> OptimizeResult:
+         progress, out, callbacks, cache_references, keep_best=False, objective=None, tune=True,
+         progress_label=None) -> OptimizeResult:
     import optuna
 
     from ..models.base import adapter_for
 
-    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
-        raise ConfigError(f"trials must be a whole number >= 1, got {trials!r}")
-    if not isinstance(n_startup_trials, int) or n_startup_trials < 0:
-        raise ConfigError(f"n_startup_trials must be a whole number >= 0, got {n_startup_trials!r}")
+    check_trials(trials, n_startup_trials)
     base = base if base is not None else config_for(method, budget=budget)
     if base.method != method:
         raise ConfigError(f"base config is for method '{base.method}', not '{method}'")
@@ -356,42 +383,82 @@ def _run(model, samples, budget, *, trials, seed, storage, method, study_name, b
     base.validate()  # budget in (0, 1]
     adapter = adapter_for(model)
     n_layers = adapter.num_llm_layers
-    if space is None:
+    if not tune:
+        space = None
+    elif space is None:
         space = space_for(method, budget, n_layers, base=base, grid_side=_grid_side(adapter))
     elif space.method != method or not math.isclose(space.budget, budget):
         raise ConfigError(f"the search space is for {space.method} at budget {space.budget}, not {method} at {budget}")
-    objective = Objective(model, samples, cache_references=cache_references)
+    if objective is None:
+        objective = Objective(model, samples, cache_references=cache_references)
+    elif objective.model is not model:
+        raise ConfigError("the shared objective was built for another model")
 
     # The method's default strategy: the comparison point, the penalty floor, and a check that the
     # method runs on these samples. A budget below 1/n is realised as one token per image and stage
     # (budget.keep_count), the same rule as prune(), so no budget in (0, 1] is refused here.
-    default_config = _resolve(config_for(method, budget=budget), adapter)
+    # A tuned method whose default cannot meet the budget on this model (e.g. FastV's K = 2 at a budget
+    # below 2/L) is still searched: points of its box can; the default then takes no part.
+    default_config, default_refused = None, None
+    try:
+        default_config = _resolve(config_for(method, budget=budget), adapter)
+    except ConfigError as exc:
+        if space is None:
+            raise
+        default_refused = _one_line(exc)
     storage_obj, storage_name = open_storage(storage if storage is not None else default_storage(out))
     study_name = study_name or default_study_name(method, budget)
     expected = {
         "method": method, "model_family": adapter.family, "num_layers": n_layers,
         "model_class": type(model).__name__, "model_fingerprint": model_fingerprint(model),
         "budget": float(budget), "n_samples": len(objective), "samples_fingerprint": samples_fingerprint(
-            objective.samples), "space": space.summary(),
+            objective.samples), "space": space.summary() if space is not None else "none",
     }
     study = _open_study(storage_obj, study_name, expected, storage_name)
     default_value = study.user_attrs.get(_ATTR_PREFIX + "default_value")
-    if default_value is None:
-        default_eval = objective.evaluate(default_config)
-        default_value = default_eval.value
-        study.set_user_attr(_ATTR_PREFIX + "default_value", default_value)
+    default_retention = study.user_attrs.get(_ATTR_PREFIX + "default_retention")
+    if default_config is None:
+        default_value = default_retention = None
+    elif default_value is None or default_retention is None:
+        try:
+            default_eval = objective.evaluate(default_config)
+        except (ConfigError, PruningError) as exc:  # prune() refused it on these samples
+            if space is None:
+                raise
+            default_config, default_refused = None, _one_line(exc)
+        else:
+            default_value, default_retention = default_eval.value, default_eval.mean_retention
+            study.set_user_attr(_ATTR_PREFIX + "default_value", default_value)
+            study.set_user_attr(_ATTR_PREFIX + "default_retention", default_retention)
         study.set_user_attr(_ATTR_PREFIX + "seed", int(seed))
         study.set_user_attr(_ATTR_PREFIX + "version", __version__)
+    if space is None:  # nothing to tune: the default strategy is the answer
+        if out is not None:
+            default_config.save(out)
+        return OptimizeResult(
+            config=default_config, value=float(default_value), default_config=default_config,
+            default_value=float(default_value), n_samples=len(objective), study_name=study_name,
+            storage=storage_name, best_trial=-1, trials_complete=0, trials_feasible=0, trials_new=0,
+            trials_running_ignored=0, space=None, study=study, written="default",
+            mean_retention=float(default_retention), default_retention=float(default_retention),
+        )
     optuna.storages.fail_stale_trials(study)
 
     nan_trials = 0
+    owner = _owner_tag()
 
     def penalty() -> float:
         values = [v for t in _complete(study) if (v := _feasible_value(t, space)) is not None]
-        return min([float(default_value), *values])
+        floor = [] if default_value is None else [float(default_value)]
+        return min([*floor, *values]) if floor or values else 0.0
 
     def objective_fn(trial) -> float:
         nonlocal nan_trials
+        trial.set_user_attr(_OWNER_ATTR, owner)
+        if _claims_before(study, trial.number) >= trials:
+            # Another process on this storage took the last trial(s) between our check and this trial's
+            # creation: give this one up so that the study ends with exactly `trials` COMPLETE trials.
+            raise optuna.TrialPruned("surplus: the study's trial total was reached by another process")
         params = space.suggest(trial)
         cand = space.candidate(params)
         trial.set_constraint("budget", cand.violation)
@@ -420,9 +487,18 @@ def _run(model, samples, budget, *, trials, seed, storage, method, study_name, b
 
     done_at_start = len(_complete(study))
     n_new = 0
-    with _Progress(progress, total=trials, done=done_at_start, best=best_so_far()[0]) as bar:
-        while len(_complete(study)) < trials:
-            number = len(_complete(study))  # the sequence index: COMPLETE trials only (see _SobolStartup)
+    with _Progress(progress, total=trials, done=done_at_start, best=best_so_far()[0], label=progress_label) as bar:
+        while True:
+            complete = len(_complete(study))
+            if complete >= trials:
+                break
+            if complete + len(_live_running(study)) >= trials:
+                # Trials running in other live processes will reach the total: wait for them rather than
+                # overshoot (a killed process's trial stops counting once its owner is gone).
+                time.sleep(_WAIT_S)
+                optuna.storages.fail_stale_trials(study)
+                continue
+            number = complete  # the sequence index: COMPLETE trials only (see _SobolStartup)
             study.sampler = _make_sampler(space, seed, number, n_startup_trials)
             study.optimize(objective_fn, n_trials=1, callbacks=list(callbacks), gc_after_trial=False)
             n_new += 1
@@ -437,20 +513,84 @@ def _run(model, samples, budget, *, trials, seed, storage, method, study_name, b
         )
     best_trial = next(t for t in complete if t.number == best_number)
     config = _resolve(dataclasses.replace(base, **space.candidate(best_trial.params).fields), adapter)
+    retention = (best_trial.user_attrs.get("evaluation") or {}).get("mean_retention")
     written = "best"
-    if best_value < default_value and not keep_best:  # never hand back a strategy worse than the default
-        config, written = default_config, "default"
+    if default_value is not None and best_value < default_value and not keep_best:  # never hand back a strategy worse than the default
+        config, written, retention = default_config, "default", default_retention
     if out is not None:
         config.save(out)
     history = [(t.number, float(t.value), _feasible_value(t, space) is not None) for t in complete]
-    running = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+    live = {t.number for t in _live_running(study)}
+    running = sum(1 for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+                  if t.number not in live)
     return OptimizeResult(
-        config=config, value=float(best_value), default_config=default_config, default_value=float(default_value),
+        config=config, value=float(best_value), default_config=default_config, default_value=default_value,
         n_samples=len(objective), study_name=study_name, storage=storage_name, best_trial=best_number,
         trials_complete=len(complete), trials_feasible=sum(1 for h in history if h[2]), trials_new=n_new,
         trials_running_ignored=running, space=space, history=history, nan_trials=nan_trials, study=study,
-        written=written,
+        written=written, mean_retention=None if retention is None else float(retention),
+        default_retention=default_retention, default_refused=default_refused,
     )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Several processes on one storage: the trial total holds
+# ---------------------------------------------------------------------------------------------------
+
+_OWNER_ATTR = "vflowopt_owner"
+_WAIT_S = 0.5
+# A RUNNING trial that no process has tagged yet is one being created right now (the tag is its first
+# write, milliseconds after creation) or the leftover of a process killed in that instant; after this
+# long it is taken for the latter.
+UNTAGGED_GRACE_S = 10.0
+
+
+def _owner_tag() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _is_live(trial) -> bool:
+    """Whether a RUNNING trial belongs to a process that may still complete it."""
+    owner = trial.user_attrs.get(_OWNER_ATTR)
+    if not isinstance(owner, str):
+        start = trial.datetime_start
+        if start is None:
+            return True
+        now = datetime.datetime.now(start.tzinfo) if start.tzinfo else datetime.datetime.now()
+        return (now - start).total_seconds() < UNTAGGED_GRACE_S
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True  # another machine: its heartbeat (database storages) decides when it is stale
+    return _pid_alive(int(pid))
+
+
+def _live_running(study) -> list:
+    import optuna
+
+    return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)) if _is_live(t)]
+
+
+def _claims_before(study, number: int) -> int:
+    """COMPLETE trials plus live RUNNING ones numbered before `number`: the trials that come first."""
+    import optuna
+
+    n = 0
+    for t in study.get_trials(deepcopy=False):
+        if t.number >= number:
+            continue
+        if t.state == optuna.trial.TrialState.COMPLETE or (t.state == optuna.trial.TrialState.RUNNING and _is_live(t)):
+            n += 1
+    return n
 
 
 def _jsonable(value):
@@ -464,8 +604,9 @@ def _jsonable(value):
 class _Progress:
     """A rich progress bar on stderr: trials done/total, best objective so far, time left."""
 
-    def __init__(self, enabled: bool, total: int, done: int, best: float | None):
+    def __init__(self, enabled: bool, total: int, done: int, best: float | None, label: str | None = None):
         self.enabled = enabled and done < total
+        self.label = label or "trial"
         self.total, self.done, self.best = total, done, best
         self._progress = None
 
@@ -485,7 +626,7 @@ class _Progress:
             )
 
             self._progress = Progress(
-                TextColumn("trial"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[best]}"),
+                TextColumn(self.label), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[best]}"),
                 TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
                 console=Console(stderr=True), transient=False,
             )
@@ -503,43 +644,3 @@ class _Progress:
         if self._progress is not None:
             self._progress.__exit__(*exc)
 
-
-def optimize(
-    model: nn.Module,
-    samples: Sequence[Mapping],
-    budget: float,
-    trials: int = DEFAULT_TRIALS,
-    seed: int = 0,
-    storage=None,
-    method: str = "vflowopt",
-    **kwargs,
-) -> PruneConfig:
-    """Search the pruning strategy of `method` for `model` at `budget` (VFlowOpt paper 3.3).
-
-    samples: processor outputs, one dict of tensors per sample as given to `model(**x)` (the paper
-        uses 30 unlabeled samples). The objective is Σ over samples of the cosine similarity of the
-        last prompt token's final-normed last-layer state with and without pruning (prefill only;
-        unpruned references computed once).
-    trials: total COMPLETE trials wanted in the study (default 50, as in the paper): a re-run with the
-        same storage continues where the last one stopped.
-    seed: makes the search reproducible (startup Sobol points and the GP's acquisition optimizer).
-    storage: an Optuna storage URL (e.g. ``sqlite:///study.db``, ``postgresql://...``), a file path
-        (SQLite), or an Optuna storage object; default ``vflowopt-study.db`` next to `out`, else in
-        the current directory.
-    method: a registered method whose config declares `search_space` (see vflowopt.search.space).
-
-    Keyword arguments: study_name (default "<method>-budget<B>"), out (write the strategy JSON there,
-    atomically), keep_best (default False: when the best trial scores below the method's default
-    strategy, the default is returned and written instead, and `run_optimization(...).written` says
-    so), base (a config whose unsearched fields the candidates keep, e.g.
-    ``VFlowOptConfig(positions="compact")``), space (a custom `SearchSpace`), n_startup_trials
-    (default 10), progress (rich progress bar on stderr, default True), callbacks (Optuna callbacks
-    ``f(study, frozen_trial)``).
-
-    Returns the best feasible strategy, resolved against the model (`model_family` and `num_layers`
-    recorded), ready for `prune(model, config)` or `config.save(path)`. Raises ConfigError on bad
-    input: a budget the model cannot meet, empty or image-less samples, a storage that cannot be
-    opened, or a study created for another model, budget, method or sample set.
-    """
-    return run_optimization(model, samples, budget, trials=trials, seed=seed, storage=storage, method=method,
-                            **kwargs).config
