@@ -139,7 +139,10 @@ def test_a_killed_trial_does_not_change_what_the_resumed_run_proposes(tiny, samp
     assert resumed.config.to_dict() == straight.config.to_dict()
 
 
-def test_leftover_running_trial_is_ignored(tiny, samples):
+def test_leftover_running_trial_is_ignored(tiny, samples, monkeypatch):
+    """An untagged RUNNING trial (a process killed between creating and tagging it) stops counting
+    after UNTAGGED_GRACE_S (10 s; 0 here so the test does not wait)."""
+    monkeypatch.setattr("vflowopt.search.study.UNTAGGED_GRACE_S", 0.0)
     model, _ = tiny
     db = optuna.storages.InMemoryStorage()
     _run(model, samples, trials=2, storage=db)

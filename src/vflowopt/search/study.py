@@ -143,16 +143,23 @@ def open_storage(storage):
         db = Path(text[len("sqlite:///"):])
         if str(db) != "" and not db.parent.is_dir():
             raise ConfigError(f"cannot open study storage {text}: folder {db.parent} does not exist")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            opened = optuna.storages.RDBStorage(
-                text, heartbeat_interval=HEARTBEAT_S, grace_period=STALE_AFTER_S,
-                engine_kwargs={"pool_pre_ping": True} if not text.startswith("sqlite") else None,
-            )
-    except Exception as exc:  # noqa: BLE001 - any driver/URL failure becomes one clear line
-        raise ConfigError(f"cannot open study storage {text}: {_one_line(exc)}") from None
-    return opened, text
+    for attempt in range(20):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                opened = optuna.storages.RDBStorage(
+                    text, heartbeat_interval=HEARTBEAT_S, grace_period=STALE_AFTER_S,
+                    engine_kwargs={"pool_pre_ping": True} if not text.startswith("sqlite") else None,
+                )
+            return opened, text
+        except Exception as exc:  # noqa: BLE001 - any driver/URL failure becomes one clear line
+            # Two processes creating the same new database at once: one of them finds the tables
+            # half-made ("already exists", "locked"); the schema is complete a moment later.
+            if attempt < 19 and any(s in str(exc) for s in ("already exists", "database is locked", "UNIQUE constraint failed")):
+                time.sleep(0.1)
+                continue
+            raise ConfigError(f"cannot open study storage {text}: {_one_line(exc)}") from None
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _one_line(exc: BaseException) -> str:
@@ -171,6 +178,11 @@ def _open_study(storage, study_name: str, expected: dict[str, Any], storage_name
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise ConfigError(f"study '{study_name}' in {storage_name} minimizes; it was not made by vflowopt")
     attrs = {k[len(_ATTR_PREFIX):]: v for k, v in study.user_attrs.items() if k.startswith(_ATTR_PREFIX)}
+    for _ in range(100):  # another process is creating this study right now: its attrs are being written
+        if not attrs or all(key in attrs for key in _CHECKED_ATTRS):
+            break
+        time.sleep(0.05)
+        attrs = {k[len(_ATTR_PREFIX):]: v for k, v in study.user_attrs.items() if k.startswith(_ATTR_PREFIX)}
     if not attrs:
         if study.get_trials(deepcopy=False):
             raise ConfigError(
