@@ -54,7 +54,7 @@ test-oldest: $(OLD_STAMP)
 	$(OLD)/bin/python -m pytest $(PYTEST_ARGS)
 
 run: .venv
-	$(BIN)/vflowopt run
+	$(BIN)/vflowopt run --compare
 
 lint: .venv
 	$(BIN)/ruff check src tests training

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import vflowopt
 import vflowopt.tiny
@@ -14,13 +15,18 @@ PROMPT = "What is in the image?"
 
 
 @pytest.fixture
-def tiny_cached(monkeypatch, make_model):
+def tiny_cached(monkeypatch, make_model, tmp_path_factory):
     """The cached tiny OneVision stands in for the shipped default model (its 6 layers and 3 stages are what
-    these tests check; the shipped model itself is exercised in test_vqa.py)."""
+    these tests check; the shipped model itself is exercised in test_vqa.py), with a model folder that
+    holds no vflowopt_strategy.json."""
     import vflowopt.cli.common
+    import vflowopt.cli.run
 
     model, processor = make_model("llava_onevision")
     monkeypatch.setattr(vflowopt.cli.common, "_shipped_model", lambda: (model, processor))
+    folder = tmp_path_factory.mktemp("tiny_model_folder")
+    monkeypatch.setattr(vflowopt.cli.run, "_model_dir", lambda args: folder)
+    model._test_folder = folder
     return model
 
 
@@ -126,3 +132,57 @@ def test_usage_errors_and_help_return_codes(capsys):
 def test_layer_ranges():
     assert _layer_ranges([56, 56, 56, 42]) == "layers 0-2: 56, 3: 42"
     assert _layer_ranges([7]) == "layers 0: 7"
+
+
+def test_the_model_folders_strategy_is_the_default_and_the_output_says_which(capsys, tiny_cached):
+    folder = tiny_cached._test_folder
+    report = _json_run(capsys)
+    assert report["method"] == "vflowopt" and report["budget"] == 0.25
+    assert "default strategy at budget 0.25" in report["strategy_source"] and "no vflowopt_strategy.json" in \
+        report["strategy_source"]
+    shipped = vflowopt.config_for("visionzip", budget=0.5, contextual_share=0.25)
+    shipped.save(folder / "vflowopt_strategy.json")
+    try:
+        report = _json_run(capsys)
+        assert report["method"] == "visionzip" and report["budget"] == 0.5
+        assert report["strategy"]["contextual_share"] == 0.25
+        assert report["strategy_source"].startswith("shipped with the model")
+        assert report["mean_retention"] == pytest.approx(0.5, abs=0.05)
+        # any of --method, --budget, --strategy replaces it
+        assert _json_run(capsys, "--budget", "0.5")["method"] == "vflowopt"
+        assert _json_run(capsys, "--method", "random")["budget"] == 0.25
+        code = main(["run", "--prompt", PROMPT, "--max-new-tokens", "1", "--json"])
+        assert code == 0 and "strategy" in capsys.readouterr().out
+        (folder / "vflowopt_strategy.json").write_text('{"method": "visionzip", "budget": 7}')
+        assert main(["run", "--prompt", PROMPT]) == 2
+        err = capsys.readouterr().err
+        assert "the strategy shipped with the model" in err and "Traceback" not in err
+    finally:
+        (folder / "vflowopt_strategy.json").unlink()
+
+
+def test_compare_shows_the_unpruned_run_beside_the_pruned_one(capsys, tiny_cached, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps tables to the terminal width
+    report = _json_run(capsys, "--compare", "--budget", "0.5")
+    full = report["unpruned"]
+    assert full["tokens_into_llm"] == report["prompt_tokens"] > report["tokens_into_llm"]
+    # KV bytes are the cache's real tensors: fp32 keys and values of every layer's kept tokens
+    text = tiny_cached.config.get_text_config()
+    per_token = 2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 4
+    assert report["kv_bytes"] == per_token * sum(report["kv_tokens_per_layer"])
+    assert full["kv_bytes"] == per_token * report["prompt_tokens"] * text.num_hidden_layers
+    assert full["prefill_ms"] > 0 and full["generate_ms"] > 0 and isinstance(full["answer"], str)
+    with torch.inference_mode():  # the unpruned answer is the model's own, with nothing attached
+        inputs = vflowopt.tiny.build_inputs(vflowopt.cli.common._shipped_model()[1],
+                                            [vflowopt.cli.common._shipped_sample()["image"]], [PROMPT])
+        out = tiny_cached.generate(**inputs, max_new_tokens=2, do_sample=False)
+    tokenizer = vflowopt.cli.common._shipped_model()[1].tokenizer
+    assert full["answer"] == tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert main(["run", "--prompt", PROMPT, "--max-new-tokens", "1", "--compare"]) == 0
+    out = capsys.readouterr().out
+    assert "Unpruned vs pruned" in out and "KV cache after prefill" in out and "pruned / unpruned" in out
+    # a method that refuses the budget: one line, exit 2, nothing run
+    assert main(["run", "--prompt", PROMPT, "--compare", "--method", "vtw", "--budget", "0.25"]) == 2
+    err = capsys.readouterr().err
+    assert "1/6" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not vflowopt.api.active_handle(tiny_cached)

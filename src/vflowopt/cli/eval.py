@@ -30,8 +30,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated methods, or 'all' (default: every registered one)")
     p.add_argument("--budgets", default=EVAL_BUDGETS, metavar="B1,B2,...",
                    help=f"comma-separated budgets in (0, 1] (default: {EVAL_BUDGETS})")
-    p.add_argument("--strategy", action="append", default=[], metavar="FILE",
-                   help="also evaluate a saved strategy (e.g. `vflowopt optimize` output); repeatable")
+    p.add_argument("--strategy", action="append", default=[], metavar="[LABEL=]FILE",
+                   help="also evaluate a saved strategy (e.g. `vflowopt optimize` output), its row labelled LABEL "
+                        "if given (e.g. auto=auto-budget0.25.json for the strategy `optimize --methods all` "
+                        "chose); repeatable")
     p.add_argument("--n", type=_positive_int, default=1000, metavar="N", help="questions (default: 1000)")
     p.add_argument("--seed", type=int, default=0, help="question set seed (default: 0)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"),
@@ -43,11 +45,22 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_eval)
 
 
+def _labelled(text: str) -> tuple[str | None, str]:
+    """'LABEL=FILE' -> (LABEL, FILE); a plain FILE (even one whose name holds '=') -> (None, FILE)."""
+    label, sep, path = text.partition("=")
+    if sep and label and "/" not in label and "\\" not in label and not Path(text).exists():
+        if not path:
+            raise CLIError(f"--strategy {text}: no file after '{label}='")
+        return label, path
+    return None, text
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     import vflowopt
 
     methods, budgets = _method_budget_grid(args)
-    for path in args.strategy:
+    strategies = [_labelled(text) for text in args.strategy]
+    for label, path in strategies:
         try:
             vflowopt.load_config(path)
         except vflowopt.ConfigError as exc:
@@ -77,7 +90,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     result = evaluate(str(args.model or model_dir), methods, budgets, args.n, args.seed, args.split,
                       args.batch_size, args.device, model_and_processor=(model, processor), progress=progress,
-                      strategies=args.strategy)
+                      strategies=strategies)
     print(format_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2), encoding="utf-8")

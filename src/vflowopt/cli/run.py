@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from .common import (
@@ -26,6 +27,8 @@ from .common import (
 )
 
 DEFAULT_MAX_NEW_TOKENS = 32
+STRATEGY_FILE = "vflowopt_strategy.json"  # a model folder's own strategy, used when none is asked for
+PREFILL_REPEATS = 3
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
@@ -58,15 +61,44 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--positions", choices=("keep", "compact"),
                    help="keep the original position ids (default) or renumber after the pre-LLM stage "
                         "as the official code does")
+    p.add_argument("--compare", action="store_true",
+                   help="also answer without pruning and show both side by side: the answer, tokens into the "
+                        "LLM, KV-cache bytes and prefill time (median of 3) of each")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.set_defaults(func=_cmd_run)
 
 
+def _model_dir(args: argparse.Namespace) -> Path:
+    if args.model is not None:
+        return Path(args.model).expanduser()
+    from vflowopt.vqa.model import shipped_model_path
+
+    return shipped_model_path()
+
+
 def _run_config(args: argparse.Namespace):
-    """The config to apply, validated before anything heavy is loaded."""
+    """(config, where it came from), validated before anything heavy is loaded.
+
+    With none of --method, --budget and --strategy: the strategy shipped in the model folder
+    (vflowopt_strategy.json, e.g. the one `vflowopt optimize --methods all` found for the shipped model),
+    else VFlowOpt's default strategy at the default budget."""
     import vflowopt
 
+    if args.strategy is None and args.method is None and args.budget is None:
+        shipped = _model_dir(args) / STRATEGY_FILE
+        if shipped.is_file():
+            try:
+                cfg = vflowopt.load_config(shipped)
+                if args.positions is not None:
+                    if not any(f.name == "positions" for f in dataclasses.fields(cfg)):
+                        raise CLIError(f"method '{cfg.method}' (the strategy shipped with the model) has no "
+                                       "positions option")
+                    cfg = dataclasses.replace(cfg, positions=args.positions)
+            except vflowopt.ConfigError as exc:
+                raise CLIError(f"the strategy shipped with the model ({shipped}): {exc}") from None
+            return cfg, (f"shipped with the model ({STRATEGY_FILE}); give --method, --budget or --strategy "
+                         "for another")
     try:
         if args.strategy is not None:
             if args.budget is not None:
@@ -75,6 +107,7 @@ def _run_config(args: argparse.Namespace):
                     "(edit the file, or drop --strategy to use --budget)"
                 )
             cfg = vflowopt.load_config(args.strategy)
+            source = f"--strategy {args.strategy}"
             if args.method is not None and args.method != cfg.method:
                 raise CLIError(
                     f"--method {args.method} contradicts the strategy file {args.strategy}, which is for "
@@ -87,6 +120,11 @@ def _run_config(args: argparse.Namespace):
         else:
             method = args.method if args.method is not None else DEFAULT_METHOD
             budget = args.budget if args.budget is not None else DEFAULT_BUDGET
+            if args.method is None and args.budget is None:
+                source = (f"{DEFAULT_METHOD}'s default strategy at budget {DEFAULT_BUDGET:g} (the model folder "
+                          f"has no {STRATEGY_FILE})")
+            else:
+                source = f"{method}'s default strategy at budget {budget:g}"
             kwargs: dict[str, Any] = {"budget": budget}
             if args.positions is not None:
                 kwargs["positions"] = args.positions
@@ -97,14 +135,14 @@ def _run_config(args: argparse.Namespace):
         cfg.validate()
     except vflowopt.ConfigError as exc:
         raise CLIError(str(exc)) from None
-    return cfg
+    return cfg, source
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = Console()
-    cfg = _run_config(args)  # fails fast, before any model is loaded
+    cfg, source = _run_config(args)  # fails fast, before any model is loaded
 
     import torch
 
@@ -137,17 +175,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     try:
         try:
-            # Generation first: it also warms up, so the prefill timed below excludes one-time costs.
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-            _sync(args.device)
-            generate_ms = 1000.0 * (time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                model(**inputs, logits_to_keep=1)
-            _sync(args.device)
-            prefill_ms = 1000.0 * (time.perf_counter() - t0)
+            pruned_run = _measure(model, inputs, args)
         except vflowopt.ConfigError as exc:
             raise CLIError(str(exc)) from None
         except vflowopt.PruningError as exc:
@@ -156,6 +184,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         resolved = handle.config
     finally:
         handle.remove()
+    unpruned = _measure(model, inputs, args) if args.compare else None
+    out, generate_ms, prefill_ms = pruned_run["out"], pruned_run["generate_ms"], pruned_run["prefill_ms"]
 
     new_tokens = out[0, prompt_len:]
     answer = processor.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
@@ -181,16 +211,95 @@ def _cmd_run(args: argparse.Namespace) -> int:
         "kv_tokens_per_layer": list(stats.kv_tokens_per_layer),
         "mean_retention": _round(stats.mean_retention),
         "prefill_ms": _round(prefill_ms, 2),
+        "kv_bytes": pruned_run["kv_bytes"],
         "pruning_ms": _round(stats.pruning_ms, 2),
         "method_info": dict(stats.method_info),
         "generate_ms": _round(generate_ms, 2),
         "device": args.device,
+        "strategy_source": source,
     }
+    if unpruned is not None:
+        answer_full = processor.tokenizer.decode(unpruned["out"][0, prompt_len:], skip_special_tokens=True).strip()
+        report["unpruned"] = {
+            "answer": answer_full,
+            "tokens_into_llm": prompt_len,
+            "kv_bytes": unpruned["kv_bytes"],
+            "prefill_ms": _round(unpruned["prefill_ms"], 2),
+            "generate_ms": _round(unpruned["generate_ms"], 2),
+            "new_tokens": int(unpruned["out"].shape[1] - prompt_len),
+        }
     if args.json:
         print(json.dumps(report))
     else:
         _print_report(console, report, stats)
+        if unpruned is not None:
+            _print_compare(console, report)
     return 0
+
+
+def _measure(model, inputs, args: argparse.Namespace) -> dict[str, Any]:
+    """Greedy generation (which also warms up), then the prefill timed alone (median of
+    PREFILL_REPEATS) and the KV-cache bytes it leaves, with whatever pruning is attached."""
+    import statistics
+
+    import torch
+
+    from vflowopt.bench.memory import kv_cache_bytes
+    from vflowopt.runtime.compat import cache_from_output
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    _sync(args.device)
+    generate_ms = 1000.0 * (time.perf_counter() - t0)
+    times, kv = [], 0
+    for _ in range(PREFILL_REPEATS):
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            prefill = model(**inputs, logits_to_keep=1, use_cache=True)
+        _sync(args.device)
+        times.append(1000.0 * (time.perf_counter() - t0))
+        kv = sum(kv_cache_bytes(cache_from_output(prefill)))
+        del prefill
+    return {"out": out, "generate_ms": generate_ms, "prefill_ms": statistics.median(times), "kv_bytes": int(kv)}
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def _print_compare(console, report: dict) -> None:
+    """Unpruned beside pruned: what pruning bought (tokens, KV bytes, prefill time) and what it cost."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    full = report["unpruned"]
+    pruned_label = f"pruned ({report['method']}, budget {report['budget']:g})"
+    table = Table(title="Unpruned vs pruned (same prompt, same machine, measured one after the other)",
+                  title_justify="left")
+    table.add_column("")
+    table.add_column("unpruned", justify="right")
+    table.add_column(pruned_label, justify="right")
+    table.add_column("pruned / unpruned", justify="right")
+
+    def ratio(a, b) -> str:
+        return f"{b / a:.2f}x" if a else "-"
+
+    table.add_row("answer", escape(full["answer"] or "(empty)"), escape(report["answer"] or "(empty)"),
+                  "same" if full["answer"] == report["answer"] else "[yellow]differs[/]")
+    table.add_row("tokens into the LLM", str(full["tokens_into_llm"]), str(report["tokens_into_llm"]),
+                  ratio(full["tokens_into_llm"], report["tokens_into_llm"]))
+    table.add_row("KV cache after prefill", _bytes(full["kv_bytes"]), _bytes(report["kv_bytes"]),
+                  ratio(full["kv_bytes"], report["kv_bytes"]))
+    table.add_row(f"prefill (median of {PREFILL_REPEATS})", f"{full['prefill_ms']:.1f} ms",
+                  f"{report['prefill_ms']:.1f} ms", ratio(full["prefill_ms"], report["prefill_ms"]))
+    table.add_row("generation", f"{full['generate_ms']:.1f} ms ({full['new_tokens']} tok)",
+                  f"{report['generate_ms']:.1f} ms ({report['new_tokens']} tok)",
+                  ratio(full["generate_ms"], report["generate_ms"]))
+    console.print(table)
 
 
 def _print_report(console, report: dict, stats) -> None:
@@ -211,6 +320,7 @@ def _print_report(console, report: dict, stats) -> None:
     table.add_column()
     table.add_row("model", escape(f"{report['model']} ({report['model_class']})"))
     table.add_row("method / budget", f"{report['method']} / {report['budget']}")
+    table.add_row("strategy", escape(report["strategy_source"]))
     if "retention" in s:
         table.add_row("retention R1, R2, R3", ", ".join(f"{r:.4g}" for r in s["retention"]))
     for key, label in (("stage_layers", "stage layers"), ("threshold", "threshold t"),
@@ -236,7 +346,7 @@ def _print_report(console, report: dict, stats) -> None:
     table.add_row("tokens into the LLM", f"{report['tokens_into_llm']} of {report['prompt_tokens']} prompt tokens")
     table.add_row("KV tokens per layer", _layer_ranges(report["kv_tokens_per_layer"]))
     table.add_row("mean retention", f"{report['mean_retention']:.4f}")
-    table.add_row("prefill", f"{report['prefill_ms']:.1f} ms")
+    table.add_row(f"prefill (median of {PREFILL_REPEATS})", f"{report['prefill_ms']:.1f} ms")
     table.add_row("pruning overhead", f"{report['pruning_ms']:.1f} ms (within the prefill)")
     table.add_row("generation", f"{report['generate_ms']:.1f} ms for {report['new_tokens']} new tokens")
     console.print(table)

@@ -33,6 +33,7 @@ JSON written by ``--json`` (``evaluate()`` returns the same dict)::
          "mean_retention": 0.1,              # PruneStats.mean_retention over LLM layers (last batch)
          "reason": null,                     # why it was refused
          "strategy": null,                   # the --strategy file of this row (null: config_for defaults)
+         "label": null,                      # the row's label (--strategy LABEL=FILE, e.g. "auto"), or null
          "seconds": 1.2},
         ...
       ],
@@ -115,7 +116,7 @@ def evaluate(
     device: str = "cpu",
     model_and_processor=None,
     progress=None,
-    strategies: list[str | Path] = (),
+    strategies: list[str | Path | tuple[str, str | Path]] = (),
 ) -> dict[str, Any]:
     """Run the benchmark; see the module docstring for the returned (and ``--json``) structure."""
     import vflowopt
@@ -135,15 +136,17 @@ def evaluate(
     full = _score(items, answer_questions(model, processor, items, batch_size))
     results = []
     cells: list[tuple[str, float, Any]] = [(m, float(b), None) for m in methods for b in budgets]
-    for path in strategies:  # saved configs (e.g. `vflowopt optimize` output): one row each
+    for item in strategies:  # saved configs (e.g. `vflowopt optimize` output): one row each
+        label, path = item if isinstance(item, tuple) else (None, item)
         config = vflowopt.load_config(path)
-        cells.append((config.method, float(config.budget), (str(path), config)))
+        cells.append((config.method, float(config.budget), (str(path), config, label)))
     for method, budget, strategy in cells:
         t1 = time.time()
         record: dict[str, Any] = {"method": method, "budget": float(budget), "status": "ok", "accuracy": None,
                                   "relative_accuracy": None, "per_type": None, "visual_tokens_into_llm": None,
                                   "mean_retention": None, "reason": None,
-                                  "strategy": strategy[0] if strategy else None}
+                                  "strategy": strategy[0] if strategy else None,
+                                  "label": strategy[2] if strategy else None}
         try:
             config = strategy[1] if strategy else vflowopt.config_for(method, budget=float(budget))
             with vflowopt.pruned(model, config) as handle:
@@ -177,23 +180,25 @@ def evaluate(
 
 
 def _label(record: dict[str, Any]) -> str:
+    if record.get("label"):
+        return f"{record['label']} ({record['method']})"
     return f"{record['method']}*" if record.get("strategy") else record["method"]
 
 
 def format_table(result: dict[str, Any]) -> str:
     """A papers-style table: one row per (method, budget), accuracy, relative accuracy and per-type columns."""
     types = result["question_types"]
-    head = f"{'method':<14}{'budget':>7}{'acc':>8}{'rel':>8}" + "".join(f"{t[:8]:>9}" for t in types)
+    head = f"{'method':<20}{'budget':>7}{'acc':>8}{'rel':>8}" + "".join(f"{t[:8]:>9}" for t in types)
     lines = [head, "-" * len(head)]
     full = result["full"]
-    lines.append(f"{'full':<14}{1.0:>7.2f}{full['accuracy']:>8.3f}{1.0:>8.3f}"
+    lines.append(f"{'full':<20}{1.0:>7.2f}{full['accuracy']:>8.3f}{1.0:>8.3f}"
                  + "".join(f"{full['per_type'].get(t, float('nan')):>9.3f}" for t in types))
     for r in result["results"]:
         if r["status"] != "ok":
-            lines.append(f"{_label(r):<14}{r['budget']:>7.2f}   refused: {r['reason'][:60]}")
+            lines.append(f"{_label(r):<20}{r['budget']:>7.2f}   refused: {r['reason'][:60]}")
             continue
         rel = r["relative_accuracy"] if r["relative_accuracy"] is not None else float("nan")
-        lines.append(f"{_label(r):<14}{r['budget']:>7.2f}{r['accuracy']:>8.3f}{rel:>8.3f}"
+        lines.append(f"{_label(r):<20}{r['budget']:>7.2f}{r['accuracy']:>8.3f}{rel:>8.3f}"
                      + "".join(f"{r['per_type'].get(t, float('nan')):>9.3f}" for t in types))
     if any(r.get("strategy") for r in result["results"]):
         lines.append("* a saved strategy: " + ", ".join(sorted({r["strategy"] for r in result["results"]
