@@ -1,7 +1,8 @@
 """Real architectures without weights: shipped configs, random-weight models and offline processors.
 
 ``vflowopt/assets/configs/<name>.json`` hold the architectures of LLaVA-1.5-7B, LLaVA-NeXT-7B (Vicuna),
-LLaVA-OneVision-7B (Qwen2-7B + SigLIP-so400m), Qwen2-VL-7B and Qwen2.5-VL-7B, written from the public
+LLaVA-OneVision-7B (Qwen2-7B + SigLIP-so400m), LLaVA-OneVision-0.5B (Qwen2-0.5B + SigLIP-so400m; small enough
+to time on a CPU), Qwen2-VL-7B and Qwen2.5-VL-7B, written from the public
 model configs (the ``_source`` field names which). Compute does not depend on weight values, so a
 random-weight model times like the real one; its outputs, and so any fidelity measured on it, are
 meaningless.
@@ -30,6 +31,7 @@ REAL_MODELS: dict[str, str] = {
     "llava-1.5-7b": "llava-1.5-7b.json",
     "llava-next-7b": "llava-next-7b.json",
     "llava-onevision-7b": "llava-onevision-7b.json",
+    "llava-onevision-0.5b": "llava-onevision-0.5b.json",
     "qwen2-vl-7b": "qwen2-vl-7b.json",
     "qwen2.5-vl-7b": "qwen2.5-vl-7b.json",
 }
