@@ -52,3 +52,17 @@ def all_hooks(model) -> int:
         len(m._forward_pre_hooks) + len(m._forward_hooks) + len(m._forward_hooks_with_kwargs)
         for m in model.modules()
     )
+
+
+@pytest.fixture
+def tiny(make_model):
+    """The optimizer tests' model: the cached tiny LLaVA-OneVision (6 LLM layers)."""
+    return make_model("llava_onevision")
+
+
+@pytest.fixture
+def samples(tiny):
+    """Two calibration samples for `tiny`, of different image sizes."""
+    _, processor = tiny
+    prompt = "What is in the image?"
+    return [build_inputs(processor, [example_image(seed=s, size=(56 + 24 * s, 80))], [prompt]) for s in range(2)]

@@ -20,17 +20,6 @@ from vflowopt.tiny import build_inputs, example_image
 PROMPT = "What is in the image?"
 
 
-@pytest.fixture
-def tiny(make_model):
-    return make_model("llava_onevision")
-
-
-@pytest.fixture
-def samples(tiny):
-    _, processor = tiny
-    return [build_inputs(processor, [example_image(seed=s, size=(56 + 24 * s, 80))], [PROMPT]) for s in range(2)]
-
-
 def _run(model, samples, budget=0.25, trials=3, **kw):
     kw.setdefault("storage", optuna.storages.InMemoryStorage())
     kw.setdefault("progress", False)

@@ -19,20 +19,6 @@ from vflowopt.api import active_handle
 from vflowopt.cli import main
 from vflowopt.search import Objective, run_method_search, run_optimization
 from vflowopt.search.ranking import resolve_methods, split_trials
-from vflowopt.tiny import build_inputs, example_image
-
-PROMPT = "What is in the image?"
-
-
-@pytest.fixture
-def tiny(make_model):
-    return make_model("llava_onevision")
-
-
-@pytest.fixture
-def samples(tiny):
-    _, processor = tiny
-    return [build_inputs(processor, [example_image(seed=s, size=(56 + 24 * s, 80))], [PROMPT]) for s in range(2)]
 
 
 def _search(model, samples, methods, budget=0.25, trials=4, **kw):
@@ -83,7 +69,8 @@ def test_auto_is_every_registered_method_and_resume_runs_nothing_new(tiny, sampl
     assert {r.method for r in first.ranking} == set(vflowopt.available_methods())
     assert sum(r.trials for r in first.ranking) == sum(first.trials_split.values())
     again = _search(model, samples, "all", trials=2, storage=db)
-    assert [(r.method, r.value, r.trials) for r in again.ranking] == [(r.method, r.value, r.trials) for r in first.ranking]
+    rows = [(r.method, r.value, r.trials) for r in first.ranking]
+    assert [(r.method, r.value, r.trials) for r in again.ranking] == rows
     # a method's study is the same one a single-method run uses
     single = run_optimization(model, samples, 0.25, trials=1, storage=db, method="visionzip", progress=False)
     assert single.trials_new == 0 and single.study_name == "visionzip-budget0.25"

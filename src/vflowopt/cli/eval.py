@@ -60,7 +60,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     methods, budgets = _method_budget_grid(args)
     strategies = [_labelled(text) for text in args.strategy]
-    for label, path in strategies:
+    for _, path in strategies:
         try:
             vflowopt.load_config(path)
         except vflowopt.ConfigError as exc:

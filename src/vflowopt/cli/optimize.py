@@ -319,7 +319,8 @@ def _print_optimize_report(console, report: dict) -> None:
         table.add_row("  ignored", f"{report['trials_running_ignored']} trial(s) left RUNNING (killed runs)")
     table.add_row("objective (best)", f"{report['objective']:.4f} of {n} (mean cos {report['objective'] / n:.4f})")
     if report["default_objective"] is None:
-        table.add_row("objective (default)", escape(f"the default strategy cannot run here: {report['default_refused']}"))
+        table.add_row("objective (default)",
+                      escape(f"the default strategy cannot run here: {report['default_refused']}"))
     else:
         table.add_row("objective (default)", f"{report['default_objective']:.4f} of {n} "
                                              f"(mean cos {report['default_objective'] / n:.4f}; "

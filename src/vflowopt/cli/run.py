@@ -144,8 +144,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     console = Console()
     cfg, source = _run_config(args)  # fails fast, before any model is loaded
 
-    import torch
-
     import vflowopt
     from vflowopt.tiny import build_inputs
 

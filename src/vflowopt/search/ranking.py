@@ -113,7 +113,8 @@ def resolve_methods(methods: str | Sequence[str]) -> list[str]:
             return list(known)
         methods = [methods]
     if not isinstance(methods, Sequence) or not methods:
-        raise ConfigError(f"methods must be 'auto', 'all' or a non-empty list of method names; known: {', '.join(known)}")
+        raise ConfigError("methods must be 'auto', 'all' or a non-empty list of method names; known: "
+                          + ", ".join(known))
     names: list[str] = []
     for name in methods:
         if not isinstance(name, str) or not name.strip():

@@ -72,6 +72,7 @@ DEFAULT_SAMPLES = 30  # paper 4.1
 DEFAULT_STARTUP_TRIALS = 10
 DEFAULT_STORAGE_FILE = "vflowopt-study.db"
 HEARTBEAT_S = 30
+_CREATION_RACE = ("already exists", "database is locked", "UNIQUE constraint failed")
 STALE_AFTER_S = 120
 _ATTR_PREFIX = "vflowopt:"
 _CHECKED_ATTRS = ("method", "model_family", "num_layers", "model_class", "model_fingerprint", "budget",
@@ -155,7 +156,7 @@ def open_storage(storage):
         except Exception as exc:  # noqa: BLE001 - any driver/URL failure becomes one clear line
             # Two processes creating the same new database at once: one of them finds the tables
             # half-made ("already exists", "locked"); the schema is complete a moment later.
-            if attempt < 19 and any(s in str(exc) for s in ("already exists", "database is locked", "UNIQUE constraint failed")):
+            if attempt < 19 and any(s in str(exc) for s in _CREATION_RACE):
                 time.sleep(0.1)
                 continue
             raise ConfigError(f"cannot open study storage {text}: {_one_line(exc)}") from None
@@ -527,7 +528,8 @@ def _run(model, samples, budget, *, trials, seed, storage, method, study_name, b
     config = _resolve(dataclasses.replace(base, **space.candidate(best_trial.params).fields), adapter)
     retention = (best_trial.user_attrs.get("evaluation") or {}).get("mean_retention")
     written = "best"
-    if default_value is not None and best_value < default_value and not keep_best:  # never hand back a strategy worse than the default
+    # never hand back a strategy worse than the default
+    if default_value is not None and best_value < default_value and not keep_best:
         config, written, retention = default_config, "default", default_retention
     if out is not None:
         config.save(out)
