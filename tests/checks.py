@@ -221,7 +221,9 @@ def replay_decisions(handle, record: dict) -> dict:
             return a is b
         if torch.is_tensor(a):
             return a.shape == b.shape and bool((a == b).all())
-        return all(same(getattr(a, f), getattr(b, f)) for f in ("keep", "replaced", "features"))
+        import dataclasses  # a Selection or a VisionMerge: every field
+
+        return all(same(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
 
     for name in _DECISIONS:
         inner = getattr(method, name)

@@ -64,6 +64,39 @@ class VisionState:
 
 
 @dataclass
+class VisionMerge:
+    """`at_vision_layer`'s answer when the tokens it removes are merged into kept ones (ToMe) instead of
+    discarded. `keep`, `into` and `weight` are shaped like `state.ids`: `keep` as a plain keep mask;
+    `into[i]`, for a removed row i, the kept row it is averaged into (the same crop for batched towers; an
+    index into the whole running sequence for flat ones), or -1 to discard it; `weight[i]` the row's
+    weight in the average (ToMe: its size). A kept row that receives rows becomes Σ w·x / Σ w over itself
+    and them (in float32); a kept row that receives none is left bit-identical.
+
+    `key_bias` (optional; batched towers only), shaped like the kept rows: from now on until the pass ends,
+    added to the attention logits of every query for that key (ToMe's proportional attention: log size),
+    through the layers' additive attention mask. Without it, a bias set earlier follows the kept rows."""
+
+    keep: torch.Tensor
+    into: torch.Tensor
+    weight: torch.Tensor
+    key_bias: torch.Tensor | None = None
+
+
+def merged_rows(x: torch.Tensor, weight: torch.Tensor, into: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted merging of the rows of `x` (n, D): `into` (n,) names for every row the row it is averaged
+    into (itself when it is not merged). Returns (rows, means): the rows that receive others, and over
+    each of them and its members the weighted mean Σ w·x / Σ w (float32)."""
+    w = weight.to(x.device).float()
+    into = into.to(x.device)
+    total = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    mass = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+    total.index_add_(0, into, x.float() * w[:, None])
+    mass.index_add_(0, into, w)
+    rows = torch.unique(into[into != torch.arange(into.numel(), device=x.device)])
+    return rows, total[rows] / mass[rows, None]
+
+
+@dataclass
 class Selection:
     """A method's pre-LLM decision: which visual tokens stay, and new features for some of them."""
 
@@ -116,10 +149,11 @@ class PruningMethod:
         (n_crops or 1, H, n, d) the layer's attention receives (post-RoPE for Qwen; flat towers give all
         images concatenated along n, see `state.lengths`)."""
 
-    def at_vision_layer(self, layer: int, state: VisionState) -> torch.Tensor | None:
+    def at_vision_layer(self, layer: int, state: VisionState) -> torch.Tensor | VisionMerge | None:
         """At the input of each layer in `vision_prune_layers`: a keep mask shaped like `state.ids`
-        (batched: the same count in every row, prefix tokens kept; flat: whole groups), or None to keep
-        all. Dropped tokens never reach the LLM (the runtime drops them before it, see `vision_kept`)."""
+        (batched: the same count in every row, prefix tokens kept; flat: whole groups), or a VisionMerge
+        (the same mask, the removed rows averaged into kept ones), or None to keep all. Removed tokens never
+        reach the LLM (the runtime drops them before it, see `vision_kept`)."""
         return None
 
     def before_llm(self, ctx: PrefillContext) -> Selection:

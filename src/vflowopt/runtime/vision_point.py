@@ -1,15 +1,19 @@
-"""The vision-encoder pruning point (V): tokens dropped between ViT layers (FlowCut).
+"""The vision-encoder pruning point (V): tokens dropped (FlowCut) or merged (ToMe) between ViT layers.
 
 An object of its own, owned by the PruningEngine (which keeps the LLM side): it owns the state of one
 image pass through the vision tower and installs its hooks through the engine. Hooks on the vision
-layers drop rows (and, for Qwen ViTs, their rotary embeddings and cu_seqlens segments); a pre-hook on
-the projector scatters the survivors back to full length so the model's placeholder count still
-matches, and the pre-LLM point then drops the tokens whose ViT tokens were dropped.
+layers drop rows (and, for Qwen ViTs, their rotary embeddings and cu_seqlens segments); a method that
+merges (a `VisionMerge`) has the removed rows averaged into kept rows first, which keep their own
+position, and may set a per-key attention bias that later layers receive through their additive
+attention mask; a pre-hook on the projector scatters the survivors back to full length so the model's
+placeholder count still matches, and the pre-LLM point then drops the tokens whose ViT tokens were
+dropped.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, PruningError
-from ..methods.base import PruningMethod, VisionState
+from ..methods.base import PruningMethod, VisionMerge, VisionState, merged_rows
 from ..models.base import ModelAdapter, TokenLayout
 from ..ops.sequence import gather_seq
 from ..signals.llm_attention import tap_attention
@@ -34,6 +38,7 @@ class _VitRun:
     sliced: dict = field(default_factory=dict)
     calls: list = field(default_factory=list)  # pending (layer, q, k, v) from the attention taps
     kept: object = None  # ViT-level keep map (image order, prefix removed), set at the end of the pass
+    key_bias: torch.Tensor | None = None  # (n_crops, n) added to every later layer's attention logits per key
 
 
 class VisionPoint:
@@ -127,9 +132,15 @@ class VisionPoint:
         self._vit_flush(vit)
         if layer in self.method.vision_prune_layers:
             t0 = time.perf_counter()
-            keep = self.method.at_vision_layer(layer, vit.state)
+            decision = self.method.at_vision_layer(layer, vit.state)
+            merge = decision if isinstance(decision, VisionMerge) else None
+            keep = merge.keep if merge is not None else decision
             if keep is not None and not bool(keep.all()):
+                if merge is not None:
+                    hidden = _merge_rows(vit.state, hidden, merge)
                 hidden = self._vit_drop(vit, hidden, keep)
+                if merge is not None and merge.key_bias is not None:
+                    vit.key_bias = self._checked_bias(vit.state, merge.key_bias)
                 if args:
                     args = (hidden, *args[1:])
                 else:
@@ -137,7 +148,18 @@ class VisionPoint:
             self.seconds += time.perf_counter() - t0
         if vit.pruned and vit.state.flat:
             self.adapter.slice_vision_layer_inputs(kwargs, vit.state.ids, vit.sliced)
+        if vit.key_bias is not None:
+            args, kwargs = _add_key_bias(module, args, kwargs, vit.key_bias, hidden)
         return args, kwargs
+
+    @staticmethod
+    def _checked_bias(state: VisionState, bias: torch.Tensor) -> torch.Tensor:
+        if state.flat:
+            raise PruningError("a per-key attention bias needs a batched vision tower (CLIP, SigLIP); this one runs "
+                               "all images as one flat sequence")
+        if tuple(bias.shape) != tuple(state.ids.shape):
+            raise PruningError(f"vision key bias of shape {tuple(bias.shape)} for {tuple(state.ids.shape)} tokens")
+        return bias.detach().float()
 
     def _vit_drop(self, vit: _VitRun, hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         state = vit.state
@@ -169,6 +191,8 @@ class VisionPoint:
             sel = keep.nonzero()[:, 1].view(keep.shape[0], -1)
             state.ids = torch.gather(state.ids, 1, sel)
             hidden = gather_seq(hidden, sel, 1)
+            if vit.key_bias is not None:  # an earlier bias follows the kept rows
+                vit.key_bias = torch.gather(vit.key_bias, 1, sel.to(vit.key_bias.device))
         vit.pruned = True
         vit.sliced = {}
         return hidden
@@ -226,3 +250,62 @@ class VisionPoint:
         return torch.nan_to_num(packed, nan=1.0) >= 0.5
 
     # -- the LLM's input ----------------------------------------------------------------------------
+
+
+# -- merging rows (VisionMerge) -------------------------------------------------------------------------
+def _merge_rows(state: VisionState, hidden: torch.Tensor, merge: VisionMerge) -> torch.Tensor:
+    """Each kept row that receives removed rows becomes the weighted mean Σ w·x / Σ w of itself and them
+    (float32); every other row is returned untouched. Batched (n_crops, n, D) rows merge within their crop."""
+    shape = tuple(state.ids.shape)
+    for name in ("keep", "into", "weight"):
+        if tuple(getattr(merge, name).shape) != shape:
+            raise PruningError(f"VisionMerge.{name} of shape {tuple(getattr(merge, name).shape)} for {shape} tokens")
+    dev = hidden.device
+    keep = merge.keep.to(dev).bool().reshape(-1)
+    into = merge.into.to(dev).long()
+    weight = merge.weight.to(dev).float().reshape(-1)
+    row = torch.arange(keep.numel(), device=dev)
+    crop = row // shape[1] if not state.flat else torch.zeros_like(row)
+    if not state.flat:  # crop-local targets -> indices into the (n_crops * n) rows
+        into = torch.where(into >= 0, into + shape[1] * torch.arange(shape[0], device=dev).unsqueeze(1), into)
+    into = into.reshape(-1)
+    src = ~keep & (into >= 0)
+    if not bool(src.any()):
+        return hidden
+    tgt = into[src]
+    if bool((tgt >= keep.numel()).any()) or not bool(keep[tgt].all()) or bool((crop[tgt] != crop[src]).any()):
+        raise PruningError("VisionMerge.into must name a kept row (of the same crop) for every merged row")
+    if not bool((weight[src] > 0).all()) or not bool((weight[tgt] > 0).all()):
+        raise PruningError("VisionMerge.weight must be positive for every merged and receiving row")
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    received, means = merged_rows(rows, weight, torch.where(src, into, row))
+    out = rows.clone()
+    out[received] = means.to(rows.dtype)
+    return out.view_as(hidden)
+
+
+@functools.cache
+def _mask_position(layer_type: type) -> int | None:
+    """Index of `attention_mask` among the positional parameters of a vision layer's forward."""
+    names = [p.name for p in inspect.signature(layer_type.forward).parameters.values()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return names.index("attention_mask") - 1 if "attention_mask" in names else None  # minus `self`
+
+
+def _add_key_bias(module: nn.Module, args: tuple, kwargs: dict, bias: torch.Tensor, like: torch.Tensor):
+    """The layer's additive attention mask plus `bias` (n_crops, n) on every query's logit for each key."""
+    dtype = like.dtype
+    add = bias.to(device=like.device, dtype=dtype)[:, None, None, :]
+    pos = _mask_position(type(module))
+    positional = "attention_mask" not in kwargs and pos is not None and pos < len(args)
+    mask = args[pos] if positional else kwargs.get("attention_mask")
+    if mask is None:
+        mask = add
+    elif mask.dtype == torch.bool:  # True = attend
+        mask = torch.where(mask, 0.0, torch.finfo(dtype).min).to(dtype) + add
+    else:
+        mask = mask + add.to(mask.device)
+    if positional:
+        return (*args[:pos], mask, *args[pos + 1 :]), kwargs
+    kwargs["attention_mask"] = mask
+    return args, kwargs
