@@ -180,3 +180,16 @@ def test_a_leftover_trial_of_a_dead_process_does_not_count(tiny, samples, tmp_pa
     result = run_optimization(model, samples, 0.25, trials=3, storage=db, progress=False)
     assert result.trials_complete == 3 and result.trials_new == 1 and result.trials_running_ignored == 1
     assert torch.isfinite(torch.tensor(result.value))
+
+
+def test_optimize_trials_do_not_warn_about_empty_calibration_sets(tiny, samples, recwarn):
+    import warnings
+
+    model, _ = tiny
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        cfg = vflowopt.VFlowOptConfig(budget=0.25, threshold=49.0)  # K empty on the tiny model
+        Objective(model, samples).evaluate(cfg)
+        assert not [w for w in recwarn if issubclass(w.category, vflowopt.CalibrationWarning)]
+        with pytest.warns(vflowopt.CalibrationWarning), vflowopt.pruned(model, cfg):
+            model(**samples[0])  # outside optimize the warning is given

@@ -3,7 +3,7 @@
 from . import methods  # noqa: F401  (registers every built-in method)
 from .api import PruneHandle, prune, pruned, unprune
 from .config import ConfigError, PruneConfig, config_for, load_config
-from .errors import PruningError
+from .errors import CalibrationWarning, PruningError
 from .methods.vflowopt import VFlowOptConfig
 from .registry import available_methods
 from .runtime.stats import PruneStats
@@ -12,6 +12,7 @@ from .version import __version__
 
 __all__ = [
     "__version__",
+    "CalibrationWarning",
     "ConfigError",
     "PruneConfig",
     "PruneHandle",

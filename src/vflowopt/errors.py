@@ -11,3 +11,7 @@ class PruningError(RuntimeError):
 
 class NoSearchSpace(ConfigError):
     """A method with nothing to tune besides the budget: `optimize` evaluates its default strategy."""
+
+
+class CalibrationWarning(UserWarning):
+    """VFlowOpt's calibration set K was empty (every token's attention used instead); see the README."""

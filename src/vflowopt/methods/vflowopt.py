@@ -18,7 +18,7 @@ import torch
 
 from ..budget import check_stage_layers, default_stage_layers, keep_count, solve_r3, three_stage_mean
 from ..config import PruneConfig, check_fraction
-from ..errors import ConfigError
+from ..errors import CalibrationWarning, ConfigError
 from ..models.base import ModelAdapter
 from ..ops.recycle import grid_cells, select_with_recycling
 from ..registry import register_method
@@ -260,7 +260,7 @@ class VFlowOptMethod(PruningMethod):
                 f"vflowopt: the calibration set K was empty in {empty} of {len(sizes)} crops/images (no token "
                 f"received more than t = {self.config.threshold:g} times the mean attention), so every token's "
                 "attention was used instead; this vision encoder may have no sink tokens at this layer (see "
-                "stats.method_info and the README's 'VFlowOpt's calibration set')", stacklevel=2)
+                "stats.method_info and the README's 'VFlowOpt's calibration set')", CalibrationWarning, stacklevel=2)
 
     def on_pixels(self, pixel_values: torch.Tensor) -> None:
         h = self.adapter.patch_entropy(pixel_values, self.config.image_mean, self.config.image_std)

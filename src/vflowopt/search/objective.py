@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -20,6 +21,7 @@ from torch import nn
 
 from ..api import pruned
 from ..config import ConfigError, PruneConfig
+from ..errors import CalibrationWarning
 from ..models.base import adapter_for
 
 __all__ = ["Evaluation", "Objective", "model_fingerprint", "samples_fingerprint"]
@@ -86,7 +88,10 @@ class Objective:
         refs = self.references()
         cosines, retention, visual = [], [], []
         nan = 0
-        with pruned(self.model, config) as handle:
+        # A search over VFlowOpt's threshold t meets empty calibration sets by design: not worth a warning
+        # per trial (stats.method_info still reports them).
+        with warnings.catch_warnings(), pruned(self.model, config) as handle:
+            warnings.simplefilter("ignore", CalibrationWarning)
             for i, sample in enumerate(self.samples):
                 h_s = self.last_token_state(sample)
                 cos = float(torch.nn.functional.cosine_similarity(refs[i], h_s, dim=0))
