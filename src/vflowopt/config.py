@@ -212,9 +212,16 @@ def load_config(path: str | os.PathLike) -> PruneConfig:
     """Reads a config saved with `PruneConfig.save` (any registered method)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"strategy file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"strategy file {path} is a directory; pass the JSON file written by cfg.save()") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"strategy file {path} is not a text (UTF-8 JSON) file; pass the JSON written by "
+                          "cfg.save()") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read strategy file {path}: {type(exc).__name__}: {exc.strerror or exc}") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"strategy file {path} is not valid JSON: {exc}") from None
     if not isinstance(data, dict) or "method" not in data:

@@ -7,22 +7,28 @@ import sys
 from pathlib import Path
 
 from .common import (
-    NO_HUB,
+    DTYPES,
+    HUB_EXAMPLE,
     TINY_MODEL_NAME,
     CLIError,
+    _check_family,
+    _check_model_options,
     _error,
+    _image_tokens_note,
+    _is_hub_id,
     _load_image,
     _load_model,
     _method_budget_grid,
+    _model_folder,
     _one_line,
+    _placed,
     _positive_int,
     _processor_from_parts,
+    _prompt_text,
+    add_model_arguments,
 )
 
 BENCH_BUDGETS = "1.0,0.5,0.25,0.1"
-
-
-_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 _WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth")
@@ -39,32 +45,33 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
             "analytic prefill FLOPs (2 x multiply-adds), KV-cache bytes after prefill, prefill and "
             "end-to-end latency (median of --repeats after warm-up), peak memory, pruning overhead, and "
             "fidelity to the unpruned model (cosine of the last hidden state, next-token KL, greedy "
-            "token agreement). --model takes a local directory or one of the shipped architectures "
-            f"({', '.join(REAL_MODELS)}), built with RANDOM weights for timing at real scale. Without "
-            "--model the bundled tiny random LLaVA-OneVision is used. Nothing is downloaded."
+            "token agreement). --model takes a local directory, a hub id (fetched into the Hugging Face cache, or "
+            f"read from it offline) or one of the shipped architectures ({', '.join(REAL_MODELS)}), built "
+            "with RANDOM weights for timing at real scale. Without --model the bundled tiny random "
+            "LLaVA-OneVision is used."
         ),
     )
-    p.add_argument("--model", metavar="DIR|NAME",
-                   help="local model directory, or a shipped architecture name; default: the bundled tiny model")
+    p.add_argument("--model", metavar="DIR|ID|NAME",
+                   help="local model directory, hub id, or a shipped architecture name; default: the bundled tiny "
+                        "model")
     p.add_argument("--methods", metavar="A,B,...",
                    help="comma-separated methods (default: every registered one); see vflowopt.available_methods()")
     p.add_argument("--budgets", default=BENCH_BUDGETS, metavar="B1,B2,...",
                    help=f"comma-separated budgets in (0, 1] (default: {BENCH_BUDGETS})")
     p.add_argument("--images", nargs="+", metavar="FILE",
                    help="image file(s), all in one prompt; default: a procedural picture (see --image-size)")
-    p.add_argument("--num-images", type=_positive_int, default=1, metavar="K",
+    p.add_argument("--num-images", type=_positive_int, metavar="K",
                    help="without --images: how many procedural pictures to put in the prompt (default: 1)")
     p.add_argument("--image-size", type=_positive_int, metavar="PX",
                    help="without --images: side of the procedural pictures (default: the vision tower's "
                         "input size; 448 for Qwen-VL)")
-    p.add_argument("--prompt", default="Describe the image in detail.", metavar="TEXT", help="the text prompt")
+    p.add_argument("--prompt", default="Describe the image in detail.", metavar="TEXT", type=_prompt_text,
+                   help="the text prompt")
     p.add_argument("--new-tokens", type=_positive_int, default=8, metavar="N",
                    help="tokens generated for end-to-end latency and token agreement (default: 8)")
     p.add_argument("--repeats", type=_positive_int, default=3, metavar="R", help="timed runs per cell (default: 3)")
     p.add_argument("--warmup", type=int, default=1, metavar="W", help="untimed runs per cell first (default: 1)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
-    p.add_argument("--dtype", choices=tuple(_DTYPES),
-                   help="weights and activations (default: fp32 on cpu, bf16 on cuda)")
+    add_model_arguments(p, dtype_default=None, dtype_help="fp32 on cpu, bf16 on cuda")
     p.add_argument("--threads", type=_positive_int, metavar="N", help="torch.set_num_threads (default: torch's)")
     p.add_argument("--json", metavar="OUT.json", help="write the records (updated after every cell)")
     p.add_argument("--csv", metavar="OUT.csv", help="write the records as CSV (updated after every cell)")
@@ -80,12 +87,12 @@ def _has_weights(path: Path) -> bool:
 
 
 def _bench_model(args: argparse.Namespace, dtype):
-    """(model, processor, name, random_weights), on args.device in `dtype`, or a CLIError."""
+    """(model, processor, name, random_weights), placed as `args` asks, in `dtype` (None: the checkpoint's own,
+    or the config's for a random-weight build), or a CLIError."""
     import torch
 
     from vflowopt.bench.realmodels import (
         REAL_MODELS,
-        build_random_model,
         load_real_config,
         offline_processor,
         set_generation_ids,
@@ -94,23 +101,23 @@ def _bench_model(args: argparse.Namespace, dtype):
     if args.model is None:
         from vflowopt.tiny import tiny_llava_onevision
 
-        model, processor = tiny_llava_onevision()
-        return model.to(args.device, dtype), processor, TINY_MODEL_NAME, True
+        model, processor = tiny_llava_onevision(attn_implementation=args.attn_implementation)
+        return model.to(args.device, dtype or torch.float32), processor, TINY_MODEL_NAME, True
     if args.model in REAL_MODELS:
         config = load_real_config(args.model)
         processor = offline_processor(config, args.model)
-        model = build_random_model(config, dtype=dtype, device=args.device)
+        model = _random_model(args, config, dtype)
         set_generation_ids(model, processor)
         return model, processor, f"{args.model} (shipped architecture, random weights)", True
-    path = Path(args.model).expanduser()
-    if not path.is_dir():
-        raise CLIError(f"model directory not found: {args.model} (--model takes a local directory or one of "
-                       f"{', '.join(REAL_MODELS)}; {NO_HUB})")
-    if not (path / "config.json").is_file():
-        raise CLIError(f"{args.model} has no config.json, so it is not a saved transformers model ({NO_HUB})")
+    if not Path(args.model).expanduser().is_dir() and not _is_hub_id(args.model):
+        raise CLIError(f"model directory not found: {args.model} (--model takes a local directory, a hub id such as "
+                       f"{HUB_EXAMPLE}, or one of {', '.join(REAL_MODELS)}; no hub downloads are attempted for "
+                       "anything else)")
+    path = _model_folder(args)
+    _check_family(path, args.model)
     if _has_weights(path):
-        model, processor = _load_model(args.model)
-        return model.to(args.device, dtype), processor, args.model, False
+        model, processor = _load_model(path, args, args.model)
+        return model, processor, args.model, False
     if not args.allow_random:
         raise CLIError(f"{args.model} holds a config but no weights; pass --allow-random to benchmark it with "
                        "random weights (timing only: fidelity is then meaningless)")
@@ -127,15 +134,31 @@ def _bench_model(args: argparse.Namespace, dtype):
             processor = offline_processor(config)
         except Exception as exc:  # noqa: BLE001
             raise CLIError(f"no processor in {args.model} and none can be built offline: {_one_line(exc)}") from None
-    try:
-        model = build_random_model(config, dtype=dtype, device=args.device)
-    except (torch.OutOfMemoryError, MemoryError) as exc:
-        raise CLIError(f"out of memory building {args.model} with random weights: {_one_line(exc)}") from None
-    except Exception as exc:  # noqa: BLE001
-        raise CLIError(f"could not build a model from {args.model}/config.json: {_one_line(exc)}") from None
+    model = _random_model(args, config, dtype)
     if getattr(processor.tokenizer, "image_token_id", None) is not None and hasattr(processor, "image_token"):
         set_generation_ids(model, processor)
     return model, processor, f"{args.model} (random weights)", True
+
+
+def _random_model(args: argparse.Namespace, config, dtype):
+    """A random-weight model of `config` on args.device, or a CLIError (out of memory included)."""
+    import torch
+
+    from vflowopt.bench.realmodels import build_random_model
+
+    if args.device_map is not None:
+        raise CLIError("--device-map places saved weights; a random-weight model is built on one --device")
+    dtype = dtype or getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    try:
+        return build_random_model(config, dtype=dtype, device=args.device,
+                                  attn_implementation=args.attn_implementation)
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        raise CLIError(f"out of memory building {args.model} with random weights ({_one_line(exc)}); try "
+                       "--dtype bf16 or a smaller architecture") from None
+    except Exception as exc:  # noqa: BLE001
+        raise CLIError(f"could not build a model from the config of {args.model}: {_one_line(exc)}") from None
 
 
 def _bench_images(args: argparse.Namespace, model) -> tuple[list, dict]:
@@ -146,8 +169,9 @@ def _bench_images(args: argparse.Namespace, model) -> tuple[list, dict]:
     vc = model.config.vision_config
     qwen = str(getattr(vc, "model_type", "")).startswith("qwen")
     side = args.image_size or (448 if qwen else int(vc.image_size))
-    images = [example_image(seed=i, size=(side, side)) for i in range(args.num_images)]
-    return images, {"images": f"{args.num_images} procedural picture(s) of {side}x{side} px"}
+    count = args.num_images or 1
+    images = [example_image(seed=i, size=(side, side)) for i in range(count)]
+    return images, {"images": f"{count} procedural picture(s) of {side}x{side} px"}
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -158,9 +182,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.warmup < 0:
         raise CLIError(f"--warmup must be >= 0, got {args.warmup}")
     if args.images:
+        given = [flag for flag, value in (("--num-images", args.num_images), ("--image-size", args.image_size))
+                 if value is not None]
+        if given:
+            raise CLIError(f"{' and '.join(given)} set(s) the procedural pictures, which --images replaces: drop "
+                           f"{'them' if len(given) > 1 else 'it'} or --images")
         for f in args.images:
             if not Path(f).is_file():
                 raise CLIError(f"image file not found: {f}")
+    outputs = [Path(x).expanduser().resolve() for x in (args.json, args.csv, args.plot) if x]
+    if len(set(outputs)) < len(outputs):
+        raise CLIError("--json, --csv and --plot must name different files")
 
     import torch
 
@@ -169,13 +201,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from vflowopt.bench.run import run_bench
     from vflowopt.tiny import build_inputs
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda was asked for, but torch sees no CUDA device")
+    _check_model_options(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype_name = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
-    dtype = getattr(torch, _DTYPES[dtype_name])
+    if args.dtype is None:
+        args.dtype = "bf16" if args.device.startswith("cuda") or args.device_map else "fp32"
+    dtype = None if args.dtype == "auto" else getattr(torch, DTYPES[args.dtype])
     model, processor, model_name, random_weights = _bench_model(args, dtype)
+    _placed(args, model)
     try:
         vflowopt.models.base.adapter_for(model)
     except vflowopt.ConfigError as exc:
@@ -185,8 +218,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         inputs = build_inputs(processor, images, [args.prompt])
     except Exception as exc:  # noqa: BLE001 - a processor that cannot format this prompt
         raise CLIError(f"the processor could not prepare the prompt and images: {_one_line(exc)}") from None
+    _image_tokens_note(images, inputs, model)
     if "pixel_values" in inputs and torch.is_floating_point(inputs["pixel_values"]):
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     image_id = vflowopt.models.base.adapter_for(model).image_token_id
     inputs_info.update(prompt=args.prompt, prompt_tokens=int(inputs["input_ids"].shape[1]),
                        image_tokens=int((inputs["input_ids"] == image_id).sum()))

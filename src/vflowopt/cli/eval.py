@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import CLIError, _method_budget_grid, _positive_int
+from .common import CLIError, _method_budget_grid, _positive_int, _vqa_model_for, add_model_arguments
 
 EVAL_BUDGETS = "1.0,0.5,0.25,0.1"
 
@@ -20,11 +20,13 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
             "Ask --n procedural visual questions (exists, colour, count, position, digit; types balanced) of a "
             "LLaVA model trained on the benchmark, unpruned and under every (method, budget), and print "
             "accuracy overall, per question type and relative to full tokens, as in the papers' tables. "
-            "Without --model the trained model shipped with vflowopt is used. Nothing is downloaded."
+            "Without --model the trained model shipped with vflowopt is used; a hub id is fetched into the "
+            "Hugging Face cache (or read from it offline)."
         ),
     )
-    p.add_argument("--model", metavar="DIR",
-                   help="a model folder written by `python -m training.vqa.train` (OUT/model, from a clone); "
+    p.add_argument("--model", metavar="DIR|ID",
+                   help="a model folder written by `python -m training.vqa.train` (OUT/model, from a clone), or its "
+                        "hub id; "
                         "default: the shipped trained model")
     p.add_argument("--methods", default="all", metavar="A,B,...|all",
                    help="comma-separated methods, or 'all' (default: every registered one)")
@@ -39,7 +41,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", choices=("train", "val", "test"),
                    help="scene split (default: test, never used in training)")
     p.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="questions per forward")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+    add_model_arguments(p)
     p.add_argument("--threads", type=_positive_int, metavar="N", help="torch.set_num_threads (default: torch's)")
     p.add_argument("--json", metavar="OUT.json", help="write the result JSON (documented in vflowopt.vqa.evaluate)")
     p.set_defaults(func=_cmd_eval)
@@ -69,20 +71,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from vflowopt.vqa.evaluate import evaluate, format_table
-    from vflowopt.vqa.model import load, shipped_model_path
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda was asked for, but torch sees no CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_dir = Path(args.model).expanduser() if args.model else shipped_model_path()
-    if not (model_dir / "config.json").is_file():
-        raise CLIError(f"{model_dir} is not a saved model folder (no config.json); --model takes the OUT/model "
-                       "folder of `python -m training.vqa.train`")
-    try:
-        model, processor = load(model_dir, device=args.device)
-    except Exception as exc:  # noqa: BLE001 - any load failure becomes one clear line
-        raise CLIError(f"could not load the model from {model_dir}: {type(exc).__name__}: {exc}") from None
+    model, processor, model_dir = _vqa_model_for(args)  # checks the folder before building anything
 
     def progress(record):
         acc = "refused" if record["accuracy"] is None else f"{record['accuracy']:.3f}"

@@ -16,6 +16,7 @@ from .common import (
     _one_line,
     _positive_int,
     _round,
+    add_model_arguments,
 )
 
 
@@ -32,11 +33,12 @@ def _add_optimize(sub: argparse._SubParsersAction) -> None:
             "storage (default: a SQLite file), so re-running the same command continues an interrupted "
             "search up to --trials. The best strategy is written as a JSON for `vflowopt run --strategy`. "
             "Without --model the small VQA model shipped with vflowopt is used; without --data the "
-            "procedural sample scenes shipped with it. Nothing is downloaded."
+            "procedural sample scenes shipped with it. A hub id is fetched into the Hugging Face cache (or read "
+            "from it offline)."
         ),
     )
-    p.add_argument("--model", metavar="DIR",
-                   help="local model directory; default: the shipped VQA model (vflowopt/assets/vqa_model)")
+    p.add_argument("--model", metavar="DIR|ID",
+                   help="local model directory or hub id; default: the shipped VQA model (vflowopt/assets/vqa_model)")
     p.add_argument("--data", metavar="FILE.jsonl",
                    help='one {"image": path, "prompt": text} object per line (paths relative to the file); '
                         "default: the sample images shipped with vflowopt")
@@ -68,7 +70,7 @@ def _add_optimize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--startup-trials", type=int, default=DEFAULT_STARTUP_TRIALS, metavar="N",
                    help=f"uniform (Sobol) trials before the Gaussian process takes over "
                         f"(default: {DEFAULT_STARTUP_TRIALS})")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+    add_model_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.set_defaults(func=_cmd_optimize)
 

@@ -15,15 +15,18 @@ from .common import (
     SAMPLE_SCENE,
     CLIError,
     _budget,
+    _image_tokens_note,
     _layer_ranges,
     _load_image,
     _model_for,
     _note,
     _one_line,
     _positive_int,
+    _prompt_text,
     _round,
     _shipped_sample,
     _sync,
+    add_model_arguments,
 )
 
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -40,15 +43,15 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
             "strategy, the tokens kept at every stage, the KV-cache lengths and the timings. "
             "Without --model the small LLaVA trained on vflowopt's procedural VQA scenes is used (it "
             "answers one-word questions about such scenes); without --image and --prompt, a shipped "
-            "sample scene and its question. Models are read from local directories only; nothing is "
-            "downloaded."
+            "sample scene and its question. --model takes a local directory or a hub id (fetched into the "
+            "Hugging Face cache, or read from it offline)."
         ),
     )
-    p.add_argument("--model", metavar="DIR",
-                   help="local model directory (AutoModelForImageTextToText + AutoProcessor); "
+    p.add_argument("--model", metavar="DIR|ID",
+                   help="local model directory or hub id (AutoModelForImageTextToText + AutoProcessor); "
                         "default: the shipped VQA model (vflowopt/assets/vqa_model)")
     p.add_argument("--image", metavar="FILE", help=f"image file; default: the shipped sample scene {SAMPLE_SCENE}")
-    p.add_argument("--prompt", metavar="TEXT",
+    p.add_argument("--prompt", metavar="TEXT", type=_prompt_text,
                    help="the question about the image; default (only without --image): the sample scene's question")
     p.add_argument("--method", metavar="NAME",
                    help=f"pruning method (default: {DEFAULT_METHOD}); see vflowopt.available_methods()")
@@ -64,7 +67,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", action="store_true",
                    help="also answer without pruning and show both side by side: the answer, tokens into the "
                         "LLM, KV-cache bytes and prefill time (median of 3) of each")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+    add_model_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.set_defaults(func=_cmd_run)
 
@@ -165,6 +168,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         inputs = build_inputs(processor, [image], [args.prompt]).to(args.device)
     except Exception as exc:  # noqa: BLE001 - a processor that cannot format this prompt
         raise CLIError(f"the processor could not prepare the prompt and image: {_one_line(exc)}") from None
+    _image_tokens_note([image], inputs, model)
     prompt_len = int(inputs["input_ids"].shape[1])
 
     try:

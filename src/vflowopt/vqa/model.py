@@ -36,6 +36,7 @@ from .scenes import vocabulary
 
 __all__ = [
     "PRESETS", "QUESTION_FIRST_TEMPLATE", "SPECIAL_TOKENS", "build_model", "build_processor", "build_tokenizer",
+    "check_folder",
     "load", "save", "shipped_model_path",
 ]
 
@@ -248,12 +249,58 @@ def shipped_model_path() -> Path:
     return Path(str(resources.files("vflowopt").joinpath("assets", "vqa_model")))
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", attn_implementation: str = "sdpa"):
-    """``(model, processor)`` from a folder written by :func:`save` (offline; model in ``eval()`` mode)."""
+def check_folder(path: str | Path):
+    """The ``LlavaConfig`` of a benchmark model folder, after checking its files; else a ``CheckpointError``.
+
+    Runs before anything is built: the folder must hold a LLaVA config that spells out its vision and text
+    models (a bare ``{"model_type": "llava"}`` would build the default CLIP-L + Llama-7B) and complete
+    safetensors weights that cover the parameters the config describes."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from ..checkpoint import CheckpointError, check_safetensors, config_parameters, read_config, weight_parameters
+
+    path = Path(path)
+    raw = read_config(path)
+    if raw["model_type"] != "llava":
+        arch = ", ".join(raw.get("architectures") or []) or "no architectures listed"
+        raise CheckpointError(
+            f"{path} holds a '{raw['model_type']}' model ({arch}), not a LLaVA trained on the procedural VQA "
+            "benchmark; eval takes the OUT/model folder of `python -m training.vqa.train` (default: the shipped "
+            "model)"
+        )
+    missing = [k for k in ("vision_config", "text_config") if not isinstance(raw.get(k), dict)]
+    if missing:
+        raise CheckpointError(f"{path}/config.json does not describe its {' and '.join(missing)}, so it is not a "
+                              "VQA benchmark model (transformers would build a default 7B LLaVA)")
+    files = check_safetensors(path)
+    try:
+        config = LlavaConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - a malformed config
+        raise CheckpointError(f"{path}/config.json is not a valid LLaVA config: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    stored, described = weight_parameters(files), config_parameters(LlavaForConditionalGeneration, config)
+    if stored < described // 2:
+        raise CheckpointError(f"the weights in {path} hold {stored:,} values but its config.json describes a "
+                              f"model of {described:,} parameters: the folder's config and weights do not match")
+    return config
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", attn_implementation: str = "sdpa",
+         dtype: str | torch.dtype = "auto", device_map: str | None = None):
+    """``(model, processor)`` from a folder written by :func:`save` (offline; model in ``eval()`` mode).
+
+    The folder is checked first (:func:`check_folder`), so a wrong one is a ``CheckpointError`` (a
+    ``ValueError``) before any weight is allocated. With ``device_map`` the model is placed by accelerate
+    and ``device`` is ignored."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+    config = check_folder(path)
+    kwargs: dict[str, Any] = {"device_map": device_map} if device_map else {}
     model = LlavaForConditionalGeneration.from_pretrained(
-        str(path), attn_implementation=attn_implementation, local_files_only=True
+        str(path), config=config, attn_implementation=attn_implementation, dtype=dtype, local_files_only=True,
+        use_safetensors=True, **kwargs,
     )
     processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)
-    return model.to(device).eval(), processor
+    if not device_map:
+        model = model.to(device)
+    return model.eval(), processor
