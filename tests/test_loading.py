@@ -420,3 +420,21 @@ def test_bench_refuses_conflicting_outputs_and_image_flags(capsys, tmp_path):
     _fails(capsys, ["bench", "--images", str(png), "--num-images", "2"], "--num-images", "--images replaces")
     _fails(capsys, ["bench", "--images", str(png), "--image-size", "64"], "--image-size")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+
+
+def test_seeds_and_output_paths_are_checked_before_any_work(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for argv in (["eval", "--seed", "-1"], ["optimize", "--budget", "0.25", "--seed", "-1"]):
+        _fails(capsys, argv, "argument --seed", "expected a whole number from 0")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for argv in (["eval", "--json", str(folder)], ["optimize", "--budget", "0.25", "--out", str(folder)],
+                 ["optimize", "--budget", "0.25", "--plot", str(folder)], ["bench", "--csv", str(folder)]):
+        _fails(capsys, argv, "is a directory; give a file name")
+    if os.geteuid() != 0:  # root writes anywhere
+        folder.chmod(0o500)
+        try:
+            _fails(capsys, ["eval", "--json", str(folder / "x.json")], "no write permission")
+        finally:
+            folder.chmod(0o700)
+    assert [p.name for p in tmp_path.iterdir()] == ["folder"] and not any(folder.iterdir())

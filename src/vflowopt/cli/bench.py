@@ -21,6 +21,7 @@ from .common import (
     _method_budget_grid,
     _model_folder,
     _one_line,
+    _output_file,
     _placed,
     _positive_int,
     _processor_from_parts,
@@ -73,9 +74,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=1, metavar="W", help="untimed runs per cell first (default: 1)")
     add_model_arguments(p, dtype_default=None, dtype_help="fp32 on cpu, bf16 on cuda")
     p.add_argument("--threads", type=_positive_int, metavar="N", help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--json", metavar="OUT.json", help="write the records (updated after every cell)")
-    p.add_argument("--csv", metavar="OUT.csv", help="write the records as CSV (updated after every cell)")
-    p.add_argument("--plot", metavar="OUT.png", help="plot speedup and fidelity against budget")
+    p.add_argument("--json", metavar="OUT.json", type=_output_file, help="write the records (updated after every cell)")
+    p.add_argument("--csv", metavar="OUT.csv", type=_output_file,
+                   help="write the records as CSV (updated after every cell)")
+    p.add_argument("--plot", metavar="OUT.png", type=_output_file, help="plot speedup and fidelity against budget")
     p.add_argument("--allow-random", action="store_true",
                    help="accept a model directory holding only a config: random weights, meaningless fidelity")
     p.set_defaults(func=_cmd_bench)

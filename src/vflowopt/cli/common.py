@@ -68,6 +68,34 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    """argparse type: a seed numpy and Optuna accept (0 to 2**32 - 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to {2**32 - 1}, got {value}")
+    return value
+
+
+def _output_file(text: str) -> str:
+    """argparse type: a file this process can write (checked before any work; missing folders are created)."""
+    import os
+
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name, e.g. {Path(text) / 'out.json'}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text} exists and cannot be overwritten (no write permission)")
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: no write permission in {folder}")
+    return text
+
+
 def _budget(text: str) -> float:
     try:
         return float(text)
@@ -419,10 +447,6 @@ def _load_model(folder: Path, args: argparse.Namespace, name: str | None = None)
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    if getattr(args, "json", None) is True:  # keep stderr to one-line notices when stdout carries JSON
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
     kwargs: dict[str, Any] = {
         "dtype": DTYPES[args.dtype] if args.dtype else "auto",
         "attn_implementation": args.attn_implementation,
@@ -545,6 +569,10 @@ def _as_asked(model, args: argparse.Namespace):
 def _model_for(args: argparse.Namespace, console) -> tuple[Any, Any, str]:
     """``(model, processor, name)`` placed as `args` asks: ``--model DIR|ID``, or the shipped VQA model."""
     _check_model_options(args)
+    if args.json is True:  # stdout carries JSON: stderr keeps to one-line notices, without loading bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if args.model is None:
         if args.revision is not None:
             raise CLIError("--revision applies to hub ids given with --model")

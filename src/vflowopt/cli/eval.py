@@ -7,7 +7,15 @@ import json
 import sys
 from pathlib import Path
 
-from .common import CLIError, _method_budget_grid, _positive_int, _vqa_model_for, add_model_arguments
+from .common import (
+    CLIError,
+    _method_budget_grid,
+    _output_file,
+    _positive_int,
+    _seed,
+    _vqa_model_for,
+    add_model_arguments,
+)
 
 EVAL_BUDGETS = "1.0,0.5,0.25,0.1"
 
@@ -37,13 +45,14 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                         "if given (e.g. auto=auto-budget0.25.json for the strategy `optimize --methods all` "
                         "chose); repeatable")
     p.add_argument("--n", type=_positive_int, default=1000, metavar="N", help="questions (default: 1000)")
-    p.add_argument("--seed", type=int, default=0, help="question set seed (default: 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="question set seed (default: 0)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"),
                    help="scene split (default: test, never used in training)")
     p.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="questions per forward")
     add_model_arguments(p)
     p.add_argument("--threads", type=_positive_int, metavar="N", help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--json", metavar="OUT.json", help="write the result JSON (documented in vflowopt.vqa.evaluate)")
+    p.add_argument("--json", metavar="OUT.json", type=_output_file,
+                   help="write the result JSON (documented in vflowopt.vqa.evaluate)")
     p.set_defaults(func=_cmd_eval)
 
 

@@ -14,8 +14,10 @@ from .common import (
     _model_for,
     _note,
     _one_line,
+    _output_file,
     _positive_int,
     _round,
+    _seed,
     add_model_arguments,
 )
 
@@ -59,14 +61,14 @@ def _add_optimize(sub: argparse._SubParsersAction) -> None:
                    help=f"Optuna storage URL or SQLite file (default: {DEFAULT_STORAGE_FILE} next to --out)")
     p.add_argument("--study-name", metavar="NAME",
                    help="default: <method>-budget<B>; with --methods a prefix: <NAME>-<method> per method")
-    p.add_argument("--out", metavar="FILE",
+    p.add_argument("--out", metavar="FILE", type=_output_file,
                    help="strategy JSON to write (default: <study name>.json; with --methods auto-budget<B>.json)")
     p.add_argument("--keep-best", action="store_true",
                    help="write the best trial's strategy even when it scores below the method's default "
                         "strategy (by default the default is written then, and the output says so)")
-    p.add_argument("--plot", metavar="FILE.png",
+    p.add_argument("--plot", metavar="FILE.png", type=_output_file,
                    help="write the optimization history, with --methods the ranking (needs matplotlib)")
-    p.add_argument("--seed", type=int, default=0, help="makes the search reproducible (default: 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="makes the search reproducible (default: 0)")
     p.add_argument("--startup-trials", type=int, default=DEFAULT_STARTUP_TRIALS, metavar="N",
                    help=f"uniform (Sobol) trials before the Gaussian process takes over "
                         f"(default: {DEFAULT_STARTUP_TRIALS})")
