@@ -254,3 +254,18 @@ def test_a_tiny_budget_keeps_one_token_per_image_and_stage(make_model, method):
         assert min(stats.visual_tokens_per_layer) >= 1
     finally:
         handle.remove()
+
+
+def test_saved_files_get_the_users_usual_permissions(tmp_path):
+    """Atomic writes go through mkstemp (0o600); the file must end up as open() would make it."""
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        path = tmp_path / "s.json"
+        vflowopt.config_for("random", budget=0.5).save(path)
+        assert (path.stat().st_mode & 0o777) == 0o644
+        assert vflowopt.load_config(path).budget == 0.5
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+    finally:
+        os.umask(mask)

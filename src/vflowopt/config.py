@@ -13,13 +13,13 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import types
 import typing
 from pathlib import Path
 from typing import Any, ClassVar
 
 from .errors import ConfigError, NoSearchSpace
+from .files import atomic_write_text
 from .registry import available_methods, method_entry, register_method
 
 __all__ = ["ConfigError", "PruneConfig", "available_methods", "config_for", "load_config", "register_method",
@@ -82,16 +82,7 @@ class PruneConfig(abc.ABC):
         """Writes the config as JSON atomically (a reader never sees a half-written file)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(self.to_dict(), fh, indent=2, sort_keys=True)
-                fh.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PruneConfig:

@@ -22,11 +22,11 @@ import io
 import json
 import os
 import platform
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..files import atomic_write_text
 from ..version import __version__
 from .run import REFERENCE, BenchRecord
 
@@ -130,15 +130,7 @@ def to_json(records: Sequence[BenchRecord], meta: dict) -> dict[str, Any]:
 def _atomic_write(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, text, newline="")
 
 
 def write_json(path: str | os.PathLike, records: Sequence[BenchRecord], meta: dict) -> None:
