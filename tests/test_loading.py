@@ -438,3 +438,21 @@ def test_seeds_and_output_paths_are_checked_before_any_work(capsys, tmp_path, mo
         finally:
             folder.chmod(0o700)
     assert [p.name for p in tmp_path.iterdir()] == ["folder"] and not any(folder.iterdir())
+
+
+def test_a_strategy_for_another_family_or_depth_is_refused_before_loading(capsys, tmp_path, onevision_folder,
+                                                                          monkeypatch):
+    import transformers
+
+    def never(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the strategy was checked")
+
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", never)
+    family = tmp_path / "family.json"
+    vflowopt.config_for("random", budget=0.5, model_family="qwen2_vl").save(family)
+    _fails(capsys, ["run", "--prompt", PROMPT, "--model", str(onevision_folder), "--strategy", str(family)],
+           "made for a 'qwen2_vl' model, not 'llava_onevision'")
+    depth = tmp_path / "depth.json"
+    vflowopt.config_for("random", budget=0.5, model_family="llava_onevision", num_layers=32).save(depth)
+    _fails(capsys, ["run", "--prompt", PROMPT, "--model", str(onevision_folder), "--strategy", str(depth)],
+           "made for an LLM with 32 layers", "has 6")

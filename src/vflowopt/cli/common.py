@@ -566,8 +566,25 @@ def _as_asked(model, args: argparse.Namespace):
     return model.to(args.device) if dtype == "auto" else model.to(args.device, getattr(torch, dtype))
 
 
-def _model_for(args: argparse.Namespace, console) -> tuple[Any, Any, str]:
-    """``(model, processor, name)`` placed as `args` asks: ``--model DIR|ID``, or the shipped VQA model."""
+def _check_strategy_fits(folder: Path, name: str, strategy) -> None:
+    """A strategy resolved for another family or depth is refused from config.json, before the weights load."""
+    if strategy is None:
+        return
+    config = _check_family(folder, name)
+    family = getattr(strategy, "model_family", None)
+    if family is not None and family != config["model_type"]:
+        raise CLIError(f"this strategy was made for a '{family}' model, not '{config['model_type']}' ({name}); "
+                       "optimize a strategy for this model or use a plain config")
+    layers = getattr(strategy, "num_layers", None)
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    depth = text.get("num_hidden_layers")
+    if layers is not None and isinstance(depth, int) and layers != depth:
+        raise CLIError(f"this strategy was made for an LLM with {layers} layers; {name} has {depth}")
+
+
+def _model_for(args: argparse.Namespace, console, strategy=None) -> tuple[Any, Any, str]:
+    """``(model, processor, name)`` placed as `args` asks: ``--model DIR|ID``, or the shipped VQA model.
+    A `strategy` (config) made for another family or depth is refused before the weights are loaded."""
     _check_model_options(args)
     if args.json is True:  # stdout carries JSON: stderr keeps to one-line notices, without loading bars
         from transformers.utils import logging as hf_logging
@@ -582,7 +599,9 @@ def _model_for(args: argparse.Namespace, console) -> tuple[Any, Any, str]:
         model = _as_asked(model, args)
         name = VQA_MODEL_NAME
     else:
-        model, processor = _load_model(_model_folder(args), args, args.model)
+        folder = _model_folder(args)
+        _check_strategy_fits(folder, args.model, strategy)
+        model, processor = _load_model(folder, args, args.model)
         name = args.model
     _placed(args, model)
     return model, processor, name

@@ -162,7 +162,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise CLIError("--prompt is required with --image (only the shipped sample scene has a default question)")
     else:
         image = _load_image(args.image)
-    model, processor, model_name = _model_for(args, console)
+    model, processor, model_name = _model_for(args, console, strategy=cfg)
 
     try:
         inputs = build_inputs(processor, [image], [args.prompt]).to(args.device)
