@@ -493,7 +493,16 @@ def test_eval_command_json_and_strategy(tiny_saved, tmp_path, capsys):
     result = json.loads(out.read_text())
     assert [(r["method"], r["budget"]) for r in result["results"]] == [
         ("random", 1.0), ("random", 0.1), ("fastv", 1.0), ("fastv", 0.1), ("random", 0.5)]
-    assert result["results"][-1]["strategy"] == str(strategy)
+    assert result["results"][-1]["strategy"] == str(strategy) and result["results"][-1]["label"] is None
+    # a labelled strategy row, e.g. the one `optimize --methods all` chose
+    code = main(["eval", "--model", str(path), "--methods", "random", "--budgets", "0.5", "--n", "5",
+                 "--strategy", f"auto={strategy}", "--json", str(out), "--threads", "2"])
+    assert code == 0 and "auto (random)" in capsys.readouterr().out
+    labelled = json.loads(out.read_text())["results"][-1]
+    assert labelled["label"] == "auto" and labelled["strategy"] == str(strategy)
+    assert labelled["accuracy"] == result["results"][-1]["accuracy"]
+    assert main(["eval", "--model", str(path), "--n", "1", "--strategy", "auto="]) == 2
+    assert "no file after 'auto='" in capsys.readouterr().err
     assert main(["eval", "--model", str(path), "--methods", "nosuch", "--n", "1"]) == 2
     assert "unknown method 'nosuch'" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path), "--n", "1"]) == 2
@@ -527,6 +536,24 @@ def test_shipped_model_answers_the_shipped_samples(shipped):
     first = items[0]
     desc = S.sample_scene(S.scene_rng("val", 7, first["scene_index"]))
     assert np.array_equal(np.asarray(S.render(desc)), np.asarray(first["image"]))
+
+
+def test_the_shipped_model_ships_its_strategy_and_run_uses_it(shipped, capsys):
+    """`vflowopt run` with no --method/--budget/--strategy uses the strategy that `vflowopt optimize --methods
+    all --budget 0.25` found for the shipped model (assets/vqa_model/vflowopt_strategy.json)."""
+    import vflowopt
+    from vflowopt.cli import main
+
+    model, _ = shipped
+    cfg = vflowopt.load_config(M.shipped_model_path() / "vflowopt_strategy.json")
+    assert cfg.budget == 0.25 and cfg.model_family == "llava" and cfg.num_layers == 8
+    with vflowopt.pruned(model, cfg):  # it applies to the shipped model as it is
+        pass
+    assert "vflowopt optimize --methods all --budget 0.25" in (M.shipped_model_path() / "README.md").read_text()
+    assert main(["run", "--json", "--max-new-tokens", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["method"] == cfg.method and report["strategy_source"].startswith("shipped with the model")
+    assert report["mean_retention"] == pytest.approx(0.25, abs=0.02)
 
 
 def test_run_defaults_to_the_shipped_model_and_sample(capsys):
