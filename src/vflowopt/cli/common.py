@@ -613,6 +613,8 @@ def _vqa_model_for(args: argparse.Namespace) -> tuple[Any, Any, Path]:
     from vflowopt.vqa.model import load, shipped_model_path
 
     _check_model_options(args)
+    if args.revision is not None and args.model is None:
+        raise CLIError("--revision applies to hub ids given with --model")
     folder = _model_folder(args) if args.model else shipped_model_path()
     name = args.model or str(folder)
     try:
