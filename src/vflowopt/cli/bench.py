@@ -187,8 +187,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         given = [flag for flag, value in (("--num-images", args.num_images), ("--image-size", args.image_size))
                  if value is not None]
         if given:
-            raise CLIError(f"{' and '.join(given)} set(s) the procedural pictures, which --images replaces: drop "
-                           f"{'them' if len(given) > 1 else 'it'} or --images")
+            one = len(given) == 1
+            raise CLIError(f"{' and '.join(given)} {'shapes' if one else 'shape'} the procedural pictures, which "
+                           f"--images replaces: drop {'it' if one else 'them'} or --images")
         for f in args.images:
             if not Path(f).is_file():
                 raise CLIError(f"image file not found: {f}")
