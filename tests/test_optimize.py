@@ -331,10 +331,16 @@ def test_cli_checks_the_space_against_the_loaded_models_depth(capsys, tmp_path, 
         ('{"image": "a.png"}\n', "line 1: 'prompt'"),
         ('["a.png", "x"]\n', "line 1: expected an object"),
         ('{"image": "missing.png", "prompt": "x"}\n', "none of the 1 images"),
+        ("BOMB", "none of the 1 images"),
     ],
 )
 def test_cli_bad_data_files(capsys, tmp_path, content, message):
     data = tmp_path / "d.jsonl"
+    if content == "BOMB":  # a decompression bomb (more pixels than Pillow's safety limit): skipped, not a traceback
+        from PIL import Image
+
+        Image.new("1", (20000, 20000)).save(tmp_path / "bomb.png")
+        content = '{"image": "bomb.png", "prompt": "x"}\n'
     data.write_text(content)
     code = main(["optimize", "--data", str(data), "--budget", "0.25", "--trials", "1"])
     err = capsys.readouterr().err

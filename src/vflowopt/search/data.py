@@ -84,7 +84,7 @@ def open_images(records: list[DataSample], source: str) -> list[DataSample]:
         try:
             with Image.open(rec.image_path) as im:
                 rec.image = im.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
             warnings.warn(f"{source} line {rec.line}: skipping image {rec.image_path}: {type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''}", stacklevel=2)
             continue
