@@ -34,6 +34,7 @@ from torch import nn
 from ..api import active_handle, prune
 from ..config import ConfigError, available_methods, check_fraction, config_for
 from ..models.base import adapter_for
+from ..progress import ProgressBar
 from ..runtime.compat import cache_from_output
 from .fidelity import cosine, next_token_kl, token_agreement
 from .flops import (
@@ -340,8 +341,9 @@ def run_bench(
     cell in the order given. `methods=None` means every registered method. `random_weights=True` marks
     every record's fidelity as meaningless. `on_record` is called with each finished record (the CLI
     writes its JSON/CSV there, so an interruption loses nothing finished). `progress` shows a rich
-    progress bar. Raises ConfigError for an unknown method, a budget outside (0, 1] or bad counts;
-    failures inside a cell are recorded in its `error` field instead.
+    progress bar with ETA on stderr when stderr is a terminal (vflowopt.progress). Raises ConfigError for an
+    unknown method, a budget outside (0, 1] or bad counts; failures inside
+    a cell are recorded in its `error` field instead.
     """
     methods, budgets = validate_grid(methods, budgets)
     for name, value in (("new_tokens", new_tokens), ("repeats", repeats)):
@@ -362,14 +364,9 @@ def run_bench(
     cells = [(m, b) for m in methods for b in budgets]
     records: list[BenchRecord] = []
 
-    bar = None
-    if progress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        bar = Progress(TextColumn("[bold]bench[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                       TimeElapsedColumn(), transient=False)
-        task = bar.add_task(REFERENCE, total=len(cells) + 1)
-        bar.start()
+    bar = ProgressBar(len(cells) + 1, "bench", enabled=progress)
+    bar.__enter__()
+    bar.update(description=REFERENCE)
     try:
         # --- the unpruned reference -----------------------------------------------------------------
         ref = BenchRecord(method=REFERENCE, budget=1.0, fidelity_meaningful=not random_weights)
@@ -394,13 +391,11 @@ def run_bench(
         records.append(ref)
         if on_record is not None:
             on_record(ref)
-        if bar is not None:
-            bar.advance(task)
+        bar.update(advance=1)
 
         # --- the grid ---------------------------------------------------------------------------------
         for method, budget in cells:
-            if bar is not None:
-                bar.update(task, description=f"{method} @ {budget:g}")
+            bar.update(description=f"{method} @ {budget:g}")
             rec = BenchRecord(method=method, budget=budget, fidelity_meaningful=not random_weights)
             handle = None
             try:
@@ -440,13 +435,11 @@ def run_bench(
             records.append(rec)
             if on_record is not None:
                 on_record(rec)
-            if bar is not None:
-                bar.advance(task)
+            bar.update(advance=1)
     finally:
         runner.close()
-        if bar is not None:
-            bar.update(task, description="done")
-            bar.stop()
+        bar.update(description="done")
+        bar.__exit__(None, None, None)
     done = [r for r in records[1:] if r.error is None and r.visual_tokens is not None]
     if done:  # prunable visual tokens (newline/CLS tokens excluded), as the runtime counts them
         records[0].visual_tokens = done[0].visual_tokens

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from .common import (
@@ -85,13 +84,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model, processor, model_dir = _vqa_model_for(args)  # checks the folder before building anything
 
-    def progress(record):
-        acc = "refused" if record["accuracy"] is None else f"{record['accuracy']:.3f}"
-        print(f"{record['method']} {record['budget']:g}: {acc}", file=sys.stderr, flush=True)
+    from vflowopt.progress import ProgressBar
 
-    result = evaluate(str(args.model or model_dir), methods, budgets, args.n, args.seed, args.split,
-                      args.batch_size, args.device, model_and_processor=(model, processor), progress=progress,
-                      strategies=strategies)
+    total = len(methods) * len(budgets) + len(strategies)
+    with ProgressBar(total, "eval") as bar:  # on a terminal only; redirected, eval prints just the table
+        def progress(record):
+            acc = "refused" if record["accuracy"] is None else f"{record['accuracy']:.3f}"
+            bar.update(advance=1, description=f"{record['method']} {record['budget']:g}: {acc}")
+
+        result = evaluate(str(args.model or model_dir), methods, budgets, args.n, args.seed, args.split,
+                          args.batch_size, args.device, model_and_processor=(model, processor), progress=progress,
+                          strategies=strategies)
     print(format_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2), encoding="utf-8")

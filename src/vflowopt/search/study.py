@@ -616,45 +616,26 @@ def _jsonable(value):
 
 
 class _Progress:
-    """A rich progress bar on stderr: trials done/total, best objective so far, time left."""
+    """The trial bar on stderr (vflowopt.progress rule: only on a terminal): done/total, best so far, time left."""
 
     def __init__(self, enabled: bool, total: int, done: int, best: float | None, label: str | None = None):
-        self.enabled = enabled and done < total
-        self.label = label or "trial"
-        self.total, self.done, self.best = total, done, best
-        self._progress = None
+        from ..progress import ProgressBar
+
+        self.best = best
+        self._bar = ProgressBar(total, label or "trial", enabled=enabled, done=done, fields={"best": self._best()})
+        self.enabled = self._bar.enabled
 
     def _best(self) -> str:
         return "best -" if self.best is None else f"best {self.best:.4f}"
 
     def __enter__(self):
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self._progress = Progress(
-                TextColumn(self.label), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[best]}"),
-                TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
-                console=Console(stderr=True), transient=False,
-            )
-            self._progress.__enter__()
-            self._task = self._progress.add_task("optimize", total=self.total, completed=self.done,
-                                                 best=self._best())
+        self._bar.__enter__()
         return self
 
     def update(self, done: int, best: float | None) -> None:
-        self.done, self.best = done, best
-        if self._progress is not None:
-            self._progress.update(self._task, completed=min(done, self.total), best=self._best())
+        self.best = best
+        self._bar.update(completed=done, best=self._best())
 
     def __exit__(self, *exc) -> None:
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
+        self._bar.__exit__(*exc)
 
