@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("vflowopt.methods",),
     ("vflowopt.runtime",),
     ("vflowopt.api",),
-    ("vflowopt.search", "vflowopt.bench", "vflowopt.vqa"),
+    ("vflowopt.search", "vflowopt.bench", "vflowopt.vqa", "vflowopt.visualize"),
     ("vflowopt.cli", "vflowopt.__main__"),
     ("vflowopt.integrations",),
 ]

@@ -3,7 +3,8 @@
 `vflowopt run` prunes one prompt on a local model (or, with no --model, on the small VQA model shipped
 in the package) and shows what pruning did. `vflowopt optimize` searches a pruning strategy for a
 model and budget (VFlowOpt paper 3.3) and writes it as a strategy JSON for `run --strategy`. `vflowopt bench`
-measures efficiency and fidelity; `vflowopt eval` measures accuracy on the procedural VQA benchmark. Every
+measures efficiency and fidelity; `vflowopt eval` measures accuracy on the procedural VQA benchmark;
+`vflowopt show` draws the tokens a method keeps. Every
 subcommand is one module with an `_add_<name>` function that registers its parser and sets `func`; `main` only
 parses and dispatches, so `optimize` and `bench` slot in the same way.
 
@@ -26,6 +27,7 @@ from .common import (
 from .eval import _add_eval
 from .optimize import _add_optimize
 from .run import _add_run
+from .show import _add_show
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optimize(sub)
     _add_bench(sub)
     _add_eval(sub)
+    _add_show(sub)
     return parser
 
 

@@ -26,7 +26,7 @@ from ..ops.sequence import complement_keep, gather_mask, gather_seq, positions_a
 from ..signals.llm_attention import tap_attention
 from ..signals.vision_keys import vision_keys
 from .compat import cache_from_kwargs, cache_from_output
-from .stats import PruneStats
+from .stats import KeptTokens, PruneStats
 from .vision_point import VisionPoint
 
 
@@ -256,6 +256,7 @@ class PruningEngine:
         self._run.pruning_s = self._vision_s + vision_s + time.perf_counter() - t0
         self.stats = self._prefill_stats(ctx, sel, keep_vis, self._run.plan)
         self.stats.method_info = dict(self.method.diagnostics())
+        self.stats.kept = _kept_record(ctx, sel, keep_vis)
         self._n_crops = None
         return kwargs
 
@@ -465,6 +466,7 @@ class PruningEngine:
             hidden = args[0] if args else kwargs["hidden_states"]
             b = hidden.shape[0]
             prunable = torch.gather(run.ctx.layout.tokens.prunable, 1, run.cur_ids)
+            cur_before = run.cur_ids
             self._sync_ctx(run)
             decision = self.method.at_layer(run.ctx, layer, run.cur_ids, hidden)
             if isinstance(decision, Selection):  # some kept rows carry new hidden states (merged tokens)
@@ -501,6 +503,15 @@ class PruningEngine:
                 else:
                     kwargs["hidden_states"] = hidden
             self.stats.stages.append((f"layer {layer}", visual))
+            kept = self.stats.kept
+            if kept is not None:  # batch size 1: the tokens still present after this stage
+                mask = torch.zeros_like(kept.stages[-1][1])
+                mask[run.cur_ids[0]] = True
+                kept.stages.append((f"layer {layer}", mask))
+                if isinstance(decision, Selection) and decision.replaced is not None:
+                    merged = torch.zeros_like(mask)
+                    merged[cur_before[0][(decision.replaced & keep)[0]]] = True
+                    kept.merged[f"layer {layer}"] = merged
             run.pruning_s += time.perf_counter() - t0
         stage_idx = len(plan.stages) - 1
         stage = plan.stages[stage_idx]
@@ -562,6 +573,23 @@ class _ImageFeaturesWrapper:
             self.base.get_image_features = self.original
         else:
             self.base.__dict__.pop("get_image_features", None)
+
+
+def _kept_record(ctx: PrefillContext, sel: Selection, keep_vis: torch.Tensor) -> KeptTokens | None:
+    """What the pre-LLM point kept, for pictures; only for batch size 1 (None otherwise)."""
+    if keep_vis.shape[0] != 1:
+        return None
+    n = keep_vis.shape[1]
+    stages = []
+    if ctx.vision_kept is not None:
+        stages.append(("vision encoder", (ctx.vision_kept | ~ctx.layout.tokens.prunable)[0].detach().clone()))
+    stages.append(("before LLM", keep_vis[0].detach().clone()))
+    merged = {}
+    if sel.replaced is not None:
+        merged["before LLM"] = (sel.replaced & keep_vis)[0].detach().clone()
+    maps = {k: v[0].detach().clone() for k, v in ctx.scratch.items()
+            if torch.is_tensor(v) and v.dim() == 2 and tuple(v.shape) == (1, n) and v.is_floating_point()}
+    return KeptTokens(layout=ctx.layout, stages=stages, merged=merged, maps=maps)
 
 
 def _stage_of(stages: list[_Stage], layer: int) -> _Stage:

@@ -3,8 +3,27 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..budget import realised_mean
+
+
+@dataclass
+class KeptTokens:
+    """Which visual tokens each stage of the last prefill kept, for pictures (`vflowopt.visualize`).
+
+    Recorded only for a prefill of batch size 1. `layout` is the adapter's `TokenLayout` of that prefill
+    (every visual token's image, grid, row, col and pixel region; `layout.pack` maps ViT-level maps onto
+    the tokens). `stages` lists `(stage name, (Nv,) bool mask over the layout's tokens)` in order (the
+    names of `PruneStats.stages`), each mask the tokens present after that stage; `merged` the same for
+    the kept tokens that carry recycled/merged features after that stage (absent: none). `maps` holds the
+    (Nv,) per-token tensors the method left in its prefill scratch space (e.g. VFlowOpt's "importance").
+    """
+
+    layout: Any
+    stages: list[tuple[str, Any]] = field(default_factory=list)
+    merged: dict[str, Any] = field(default_factory=dict)
+    maps: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -29,6 +48,8 @@ class PruneStats:
     # What the method reports about its own signals for this prefill (PruningMethod.diagnostics), e.g.
     # VFlowOpt's calibration set: {"calibration_set_size": [...], "calibration_mass": [...], ...}.
     method_info: dict = field(default_factory=dict)
+    # Per stage, the visual tokens kept (batch size 1 only, else None): see KeptTokens.
+    kept: KeptTokens | None = field(default=None, repr=False, compare=False)
 
     @property
     def mean_retention(self) -> float:
