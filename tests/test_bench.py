@@ -316,3 +316,15 @@ def test_cli_errors_exit_2_with_one_line(capsys, args, message):
 def test_cli_cuda_without_cuda(capsys):
     assert main(["bench", "--device", "cuda", "--methods", "vflowopt"]) == 2
     assert "no CUDA" in capsys.readouterr().err
+
+
+def test_a_named_architecture_that_does_not_fit_in_memory_is_refused_before_building(capsys, monkeypatch):
+    """On a Linux CPU an allocation that does not fit is not an error (the kernel kills the process): the
+    weights' size is checked against the memory available first (counted on the meta device)."""
+    import vflowopt.bench.memory
+
+    monkeypatch.setattr(vflowopt.bench.memory, "available_bytes", lambda device="cpu": 2**30)
+    code = main(["bench", "--model", "llava-onevision-0.5b", "--methods", "random", "--budgets", "0.5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "needs 3.3 GiB for its 0.89 B parameters in float32" in err and "1.0 GiB available" in err
+    assert "Traceback" not in err

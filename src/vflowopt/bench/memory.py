@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["PeakMemory", "cpu_peak_method", "kv_cache_bytes"]
+__all__ = ["PeakMemory", "available_bytes", "cpu_peak_method", "kv_cache_bytes"]
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -54,6 +54,22 @@ def _status_kb(field: str) -> int | None:
         for line in _STATUS.read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def available_bytes(device: str | torch.device = "cpu") -> int | None:
+    """Memory a new allocation can take: the kernel's MemAvailable on CPU (Linux), free memory on CUDA;
+    None where it cannot be told."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         return None
     return None

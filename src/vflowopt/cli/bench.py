@@ -153,6 +153,7 @@ def _random_model(args: argparse.Namespace, config, dtype):
     dtype = dtype or getattr(config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    _check_memory(args, config, dtype)
     try:
         return build_random_model(config, dtype=dtype, device=args.device,
                                   attn_implementation=args.attn_implementation)
@@ -161,6 +162,28 @@ def _random_model(args: argparse.Namespace, config, dtype):
                        "--dtype bf16 or a smaller architecture") from None
     except Exception as exc:  # noqa: BLE001
         raise CLIError(f"could not build a model from the config of {args.model}: {_one_line(exc)}") from None
+
+
+def _check_memory(args: argparse.Namespace, config, dtype) -> None:
+    """Refuse, before allocating anything, a model whose weights alone exceed the memory available (on a
+    Linux CPU an allocation that does not fit is not an error: the kernel kills the process)."""
+    import torch
+
+    from vflowopt.bench.memory import available_bytes
+    from vflowopt.bench.realmodels import _model_class
+    from vflowopt.checkpoint import config_parameters
+
+    try:
+        available = available_bytes(args.device)
+        n = config_parameters(_model_class(config), config)
+    except Exception:  # noqa: BLE001 - no estimate: let the build itself report
+        return
+    need = n * torch.empty((), dtype=dtype).element_size()
+    if available is not None and need > available:
+        raise CLIError(f"{args.model} with random weights needs {need / 2**30:.1f} GiB for its {n / 1e9:.2f} B "
+                       f"parameters in {str(dtype).removeprefix('torch.')}, but {args.device} has "
+                       f"{available / 2**30:.1f} GiB available: try --dtype bf16, --device cuda, or a smaller "
+                       "architecture (llava-onevision-0.5b)")
 
 
 def _bench_images(args: argparse.Namespace, model) -> tuple[list, dict]:
