@@ -220,6 +220,6 @@ def load_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> Any:
         raise SystemExit(
             f"{what}: refused to load {path}: it holds more than tensors and plain data, and unpickling it could "
             f"run code (read with torch.load(weights_only=True): {reason}). Checkpoints written by these "
-            "training scripts hold tensors and plain data only; never load one from an untrusted source with "
-            "weights_only=False."
+            "training scripts hold tensors and plain data only; never unpickle one from an untrusted source "
+            "with the unrestricted loader."
         ) from None

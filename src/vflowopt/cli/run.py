@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -141,13 +142,11 @@ def _run_config(args: argparse.Namespace):
     return cfg, source
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    console = Console()
-    cfg, source = _run_config(args)  # fails fast, before any model is loaded
-
-    import vflowopt
+def _prepare(args: argparse.Namespace, console, cfg, *, announce: bool = True,
+             check_image: Callable[[str], None] | None = None):
+    """The picture and prompt (default: the shipped sample scene and its question, announced when
+    `announce`), the model, and the processor's inputs on args.device, or a CLIError for a bad one.
+    Returns (image, expected answer or None, model, processor, model name, inputs); shared by run and show."""
     from vflowopt.tiny import build_inputs
 
     expected = None
@@ -156,19 +155,33 @@ def _cmd_run(args: argparse.Namespace) -> int:
         image = sample["image"]
         if args.prompt is None:
             args.prompt, expected = sample["prompt"], sample.get("answer")
-        _note(f"No --image given: using the shipped sample scene ({SAMPLE_SCENE})"
-              + (f" and its question: {args.prompt!r}." if expected is not None else "."), args, console)
+        if announce:
+            _note(f"No --image given: using the shipped sample scene ({SAMPLE_SCENE})"
+                  + (f" and its question: {args.prompt!r}." if expected is not None else "."), args, console)
     elif args.prompt is None:
         raise CLIError("--prompt is required with --image (only the shipped sample scene has a default question)")
     else:
+        if check_image is not None:
+            check_image(args.image)
         image = _load_image(args.image)
     model, processor, model_name = _model_for(args, console, strategy=cfg)
-
     try:
         inputs = build_inputs(processor, [image], [args.prompt]).to(args.device)
     except Exception as exc:  # noqa: BLE001 - a processor that cannot format this prompt
         raise CLIError(f"the processor could not prepare the prompt and image: {_one_line(exc)}") from None
     _image_tokens_note([image], inputs, model)
+    return image, expected, model, processor, model_name, inputs
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    console = Console()
+    cfg, source = _run_config(args)  # fails fast, before any model is loaded
+
+    import vflowopt
+
+    image, expected, model, processor, model_name, inputs = _prepare(args, console, cfg)
     prompt_len = int(inputs["input_ids"].shape[1])
 
     try:

@@ -11,16 +11,11 @@ from .common import (
     SAMPLE_SCENE,
     CLIError,
     _budget,
-    _image_tokens_note,
-    _load_image,
-    _model_for,
-    _one_line,
     _output_file,
     _prompt_text,
-    _shipped_sample,
     add_model_arguments,
 )
-from .run import _run_config
+from .run import _prepare, _run_config
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp"}
 
@@ -81,25 +76,9 @@ def _cmd_show(args: argparse.Namespace) -> int:
         raise CLIError("vflowopt show needs matplotlib: pip install 'vflowopt[plot]'") from None
 
     import vflowopt
-    from vflowopt.tiny import build_inputs
     from vflowopt.visualize import save_kept_tokens
 
-    if args.image is None:
-        sample = _shipped_sample()
-        image = sample["image"]
-        if args.prompt is None:
-            args.prompt = sample["prompt"]
-    elif args.prompt is None:
-        raise CLIError("--prompt is required with --image (only the shipped sample scene has a default question)")
-    else:
-        _refuse_video(args.image)
-        image = _load_image(args.image)
-    model, processor, model_name = _model_for(args, console, strategy=cfg)
-    try:
-        inputs = build_inputs(processor, [image], [args.prompt]).to(args.device)
-    except Exception as exc:  # noqa: BLE001 - a processor that cannot format this prompt
-        raise CLIError(f"the processor could not prepare the prompt and image: {_one_line(exc)}") from None
-    _image_tokens_note([image], inputs, model)
+    image, _, model, _, model_name, inputs = _prepare(args, console, cfg, announce=False, check_image=_refuse_video)
     try:
         handle = vflowopt.prune(model, cfg)
     except vflowopt.ConfigError as exc:
