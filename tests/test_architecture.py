@@ -24,7 +24,7 @@ PACKAGE = SRC / "vflowopt"
 # Low to high: a module may import modules of its own layer or of lower layers, never higher ones.
 LAYERS: list[tuple[str, ...]] = [
     ("vflowopt.errors", "vflowopt.files", "vflowopt.checkpoint", "vflowopt.version", "vflowopt.tiny",
-     "vflowopt.tiny_families", "vflowopt.progress"),
+     "vflowopt.tiny_families", "vflowopt.video_inputs", "vflowopt.progress"),
     ("vflowopt.registry", "vflowopt.config", "vflowopt.budget", "vflowopt.spaces"),
     ("vflowopt.ops",),
     ("vflowopt.signals",),
@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("vflowopt.api",),
     ("vflowopt.search", "vflowopt.bench", "vflowopt.vqa", "vflowopt.visualize"),
     ("vflowopt.cli", "vflowopt.__main__"),
-    ("vflowopt.integrations",),
+    ("vflowopt.integrations", "vflowopt.serving"),
 ]
 
 

@@ -268,7 +268,9 @@ def tiny_llava_onevision(attn_implementation: str = "sdpa", seed: int = 0, num_l
 
     The processor is a :func:`onevision_processor_class` instance (``LlavaOnevisionProcessor`` that
     tolerates the missing video processor) around ``LlavaOnevisionImageProcessorPil`` (56 px, SigLIP
-    mean/std 0.5) and :func:`tiny_tokenizer` (``style="chatml"``).
+    mean/std 0.5) and :func:`tiny_tokenizer` (``style="chatml"``). It carries a torchvision-free video
+    processor (frames resized to 56x56, mean/std 0.5) used by :func:`vflowopt.video_inputs.build_video_inputs`:
+    a video gives ``frames x 2 x 2`` pooled tokens + 1 newline.
 
     Returns ``(model, processor)``; the model is in ``eval()`` mode and uses ``attn_implementation``.
     """
@@ -305,7 +307,20 @@ def tiny_llava_onevision(attn_implementation: str = "sdpa", seed: int = 0, num_l
         vision_aspect_ratio=config.vision_aspect_ratio,
         chat_template=CHATML_CHAT_TEMPLATE,
     )
+    _attach_tiny_video_processor(processor, "llava_onevision", size={"height": vision.image_size,
+                                                                     "width": vision.image_size},
+                                 image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
     return model, processor
+
+
+def _attach_tiny_video_processor(processor, family: str, **settings) -> None:
+    """Give a tiny processor a torchvision-free video processor (for :func:`vflowopt.video_inputs.build_video_inputs`).
+
+    Stored beside the processor's slots, so images and text behave exactly as without it.
+    """
+    from .video_inputs import attach_video_processor, video_frame_processor
+
+    attach_video_processor(processor, video_frame_processor(family, **settings))
 
 
 def tiny_llava(attn_implementation: str = "sdpa", seed: int = 0, num_layers: int = 6, text: str = "llama"):

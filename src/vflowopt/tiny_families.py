@@ -15,7 +15,14 @@ from __future__ import annotations
 
 import functools
 
-from .tiny import CHATML_CHAT_TEMPLATE, LLAVA_CHAT_TEMPLATE, _instantiate, load_asset_config, tiny_tokenizer
+from .tiny import (
+    CHATML_CHAT_TEMPLATE,
+    LLAVA_CHAT_TEMPLATE,
+    _attach_tiny_video_processor,
+    _instantiate,
+    load_asset_config,
+    tiny_tokenizer,
+)
 
 __all__ = ["QWEN_FAMILIES", "tiny_llava_next", "tiny_qwen2_5_vl", "tiny_qwen2_vl", "tiny_qwen3_vl"]
 
@@ -126,8 +133,17 @@ def _qwen_processor(processor_name: str, patch_size: int, mean, std, tokenizer, 
         image_std=list(std),
     )
     cls = no_video_processor_class(processor_name)
-    return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-               chat_template=CHATML_CHAT_TEMPLATE)
+    processor = cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                    chat_template=CHATML_CHAT_TEMPLATE)
+    # videos (build_video_inputs): the image processor's per-frame pixel bounds; Qwen3-VL's bounds cover the
+    # whole clip (frames x height x width), so its budget is 16 frames' worth
+    family = {"Qwen2VLProcessor": "qwen2_vl", "Qwen2_5_VLProcessor": "qwen2_5_vl",
+              "Qwen3VLProcessor": "qwen3_vl"}[processor_name]
+    frames = 16 if family == "qwen3_vl" else 1
+    _attach_tiny_video_processor(
+        processor, family, size={"shortest_edge": 4 * unit * unit, "longest_edge": frames * max_tokens * unit * unit},
+        patch_size=patch_size, temporal_patch_size=2, merge_size=2, image_mean=tuple(mean), image_std=tuple(std))
+    return processor
 
 
 def _qwen_config_kwargs(tokenizer) -> dict:
