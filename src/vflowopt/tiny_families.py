@@ -21,10 +21,21 @@ from .tiny import (
     _attach_tiny_video_processor,
     _instantiate,
     load_asset_config,
+    tiny_llava_onevision,
     tiny_tokenizer,
 )
 
-__all__ = ["QWEN_FAMILIES", "tiny_llava_next", "tiny_qwen2_5_vl", "tiny_qwen2_vl", "tiny_qwen3_vl"]
+__all__ = [
+    "LLAVA_VIDEO_CHAT_TEMPLATE",
+    "QWEN_FAMILIES",
+    "VIDEO_FAMILY_BUILDERS",
+    "tiny_llava_next",
+    "tiny_llava_next_video",
+    "tiny_qwen2_5_vl",
+    "tiny_qwen2_vl",
+    "tiny_qwen3_vl",
+    "tiny_video_llava",
+]
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -225,3 +236,132 @@ def tiny_qwen3_vl(attn_implementation: str = "sdpa", seed: int = 0, num_layers: 
 
 #: family name -> builder, for tests and the CLI.
 QWEN_FAMILIES = {"qwen2_vl": tiny_qwen2_vl, "qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LLaVA-NeXT-Video and Video-LLaVA (video families)
+# ---------------------------------------------------------------------------------------------------------
+
+#: LLaVA-1.5 style template that also renders video items (``USER: <image>\n<video>\n... ASSISTANT:``); used by
+#: the video families, whose real checkpoints prompt the same way.
+LLAVA_VIDEO_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: {% elif message['role'] == 'assistant' %}ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'video' %}<video>\n{% endif %}"
+    "{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %} "
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def _clip_llava_raw(tokenizer, num_layers: int) -> dict:
+    """The tiny CLIP + projector of :func:`vflowopt.tiny.tiny_llava` with a Llama text model, as a raw dict."""
+    raw = load_asset_config("tiny_llava")
+    raw.pop("model_type", None)
+    raw.pop("image_seq_length", None)
+    raw["text_config"] = _text_config(tokenizer, num_layers, mrope=False) | {"model_type": "llama"}
+    raw["image_token_index"] = tokenizer.image_token_id
+    raw["video_token_index"] = tokenizer.video_token_id
+    return raw
+
+
+def tiny_llava_next_video(attn_implementation: str = "sdpa", seed: int = 0, num_layers: int = 6):
+    """Tiny random ``LlavaNextVideoForConditionalGeneration`` and its ``LlavaNextVideoProcessor`` (no downloads).
+
+    Images as in :func:`tiny_llava_next` (CLIP 56 px, 14 px patches + CLS, strategy ``"default"``, anyres
+    pinpoints ``{56,112}^2``); videos: each frame is a 4×4 patch grid (CLS dropped) average-pooled with stride 2
+    (``spatial_pool_stride=2``) -> 4 tokens per frame, no newline. The processor tolerates
+    ``video_processor=None`` and carries a torchvision-free video processor (shortest edge 56, centre crop
+    56×56, CLIP mean/std, like the real ``LlavaNextVideoVideoProcessor`` at 224) for
+    :func:`vflowopt.video_inputs.build_video_inputs`.
+    """
+    from transformers import (
+        LlavaNextImageProcessorPil,
+        LlavaNextVideoConfig,
+        LlavaNextVideoForConditionalGeneration,
+    )
+
+    tokenizer = tiny_tokenizer("llava")
+    raw = _clip_llava_raw(tokenizer, num_layers)
+    pinpoints = [[56, 56], [56, 112], [112, 56], [112, 112]]
+    raw["image_grid_pinpoints"] = pinpoints
+    raw["spatial_pool_mode"] = "average"
+    raw["spatial_pool_stride"] = 2
+    config = LlavaNextVideoConfig(**raw)
+    model = _instantiate(LlavaNextVideoForConditionalGeneration, config, seed, attn_implementation)
+    vision = config.vision_config
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": vision.image_size},
+        crop_size={"height": vision.image_size, "width": vision.image_size},
+        image_grid_pinpoints=pinpoints,
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+    )
+    processor = no_video_processor_class("LlavaNextVideoProcessor")(
+        video_processor=None,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_VIDEO_CHAT_TEMPLATE,
+    )
+    _attach_tiny_video_processor(
+        processor, "llava_next_video", size={"shortest_edge": vision.image_size},
+        crop_size={"height": vision.image_size, "width": vision.image_size})
+    return model, processor
+
+
+def tiny_video_llava(attn_implementation: str = "sdpa", seed: int = 0, num_layers: int = 6):
+    """Tiny random ``VideoLlavaForConditionalGeneration`` and its ``VideoLlavaProcessor`` (no downloads).
+
+    Separate ``image_tower`` and ``video_tower`` (both the tiny CLIP: 56 px, 14 px patches + CLS,
+    ``vision_feature_layer=-2``), one projector, a Llama text model. Images use strategy ``"default"`` (CLS
+    dropped: 16 tokens); videos keep the CLS of every frame (17 tokens per frame), as the model's
+    ``get_video_features`` does. Image processor: ``VideoLlavaImageProcessor`` (PIL/numpy; shortest edge 56,
+    centre crop 56, CLIP mean/std); video: a torchvision-free processor with the same settings.
+    """
+    from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration, VideoLlavaImageProcessor
+
+    tokenizer = tiny_tokenizer("llava")
+    raw = _clip_llava_raw(tokenizer, num_layers)
+    config = VideoLlavaConfig(**raw)
+    model = _instantiate(VideoLlavaForConditionalGeneration, config, seed, attn_implementation)
+    vision = config.vision_config
+    image_processor = VideoLlavaImageProcessor(
+        size={"shortest_edge": vision.image_size},
+        crop_size={"height": vision.image_size, "width": vision.image_size},
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+    )
+    processor = no_video_processor_class("VideoLlavaProcessor")(
+        image_processor=image_processor,
+        video_processor=None,
+        tokenizer=tokenizer,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+        chat_template=LLAVA_VIDEO_CHAT_TEMPLATE,
+    )
+    _attach_tiny_video_processor(
+        processor, "video_llava", size={"shortest_edge": vision.image_size},
+        crop_size={"height": vision.image_size, "width": vision.image_size})
+    return model, processor
+
+
+#: video family name -> builder (every family :func:`vflowopt.video_inputs.build_video_inputs` supports).
+VIDEO_FAMILY_BUILDERS = {
+    "llava_onevision": tiny_llava_onevision,
+    "qwen2_5_vl": tiny_qwen2_5_vl,
+    "qwen2_vl": tiny_qwen2_vl,
+    "qwen3_vl": tiny_qwen3_vl,
+    "llava_next_video": tiny_llava_next_video,
+    "video_llava": tiny_video_llava,
+}
