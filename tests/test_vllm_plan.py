@@ -109,3 +109,38 @@ def test_placeholder_counts():
         assert plan.kept_tokens(n) == keep_count(n, 0.1)
         assert plan.kept_tokens(n) >= (1 if n else 0)  # a tiny image keeps at least one token
     assert ServingPlan(config_for("random", budget=1.0)).is_identity
+
+
+def test_compact_positions_are_refused():
+    with pytest.raises(ConfigError, match="positions='compact' is not served"):
+        ServingPlan(config_for("divprune", budget=0.5, positions="compact"))
+
+
+def test_attention_methods_are_refused_with_sharded_vision_heads():
+    from vflowopt.serving.vllm import check_tensor_parallel
+
+    plan = ServingPlan(config_for("visionzip", budget=0.5))
+    check_tensor_parallel(plan, needs_attention=True, tp_size=1)
+    check_tensor_parallel(plan, needs_attention=False, tp_size=4)
+    with pytest.raises(ConfigError, match="shards over the 2 tensor-parallel ranks.*--tensor-parallel-size 1"):
+        check_tensor_parallel(plan, needs_attention=True, tp_size=2)
+
+
+def test_an_uncovered_model_class_is_warned_about_once(caplog):
+    from vflowopt.serving import vllm as plugin
+
+    with caplog.at_level("WARNING", logger="vflowopt.serving"):
+        plugin.warn_uncovered("SomeOtherForConditionalGeneration")
+        plugin.warn_uncovered("SomeOtherForConditionalGeneration")
+    warnings = [r for r in caplog.records if "SomeOtherForConditionalGeneration" in r.getMessage()]
+    assert len(warnings) == 1 and "serving it unpruned" in warnings[0].getMessage()
+
+
+def test_the_plugin_module_imports_without_vllm_and_does_nothing_without_the_variable(monkeypatch):
+    from vflowopt.serving import vllm as plugin
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    plugin.set_plan(None)
+    assert plugin.active_plan() is None
+    with pytest.raises(AttributeError):
+        plugin.NoSuchClass  # noqa: B018

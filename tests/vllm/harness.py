@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vflowopt import tiny, tiny_families
-from vflowopt.tiny import CHATML_CHAT_TEMPLATE
+import torch
+
+from vflowopt.tiny import CHATML_CHAT_TEMPLATE, tiny_tokenizer
 
 IMAGE_ITEM = "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'video' %}<video>\n{% endif %}"
 VISION_ITEM = ("{% if item['type'] == 'image' %}<|vision_start|><image><|vision_end|>\n"
@@ -29,18 +30,58 @@ TEXT_LAYERS = 4
 QUESTION = "What is in the image?"
 
 
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
 def _tokenizer():
-    tok = tiny.tiny_tokenizer("chatml")
+    tok = tiny_tokenizer("chatml")
     tok.add_special_tokens({"additional_special_tokens": ["<|vision_start|>", "<|vision_end|>"]})
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
 
 def _text(tok) -> dict:
-    text = tiny_families._text_config(tok, TEXT_LAYERS, mrope=True)
-    text.update(num_attention_heads=2, num_key_value_heads=1)  # head_dim 32
-    text["rope_parameters"]["mrope_section"] = [4, 6, 6]  # 16 frequency pairs
-    return text
+    return {
+        "vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": TEXT_LAYERS,
+        "num_attention_heads": 2, "num_key_value_heads": 1,  # head_dim 32
+        "hidden_act": "silu", "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+        "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+    }
+
+
+def _processor(name: str, patch: int, mean, std, tok, max_tokens: int = 64):
+    """transformers' processor `name` with the PIL image processor and no video processor (transformers'
+    Qwen-VL video processors need torchvision)."""
+    import transformers
+
+    base = getattr(transformers, name)
+
+    class NoVideoProcessor(base):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument is None and argument_name == "video_processor":
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    unit = patch * 2
+    image_processor = transformers.Qwen2VLImageProcessorPil(
+        size={"shortest_edge": 4 * unit * unit, "longest_edge": max_tokens * unit * unit}, patch_size=patch,
+        temporal_patch_size=2, merge_size=2, image_mean=list(mean), image_std=list(std))
+    return NoVideoProcessor(image_processor=image_processor, tokenizer=tok, video_processor=None,
+                            chat_template=CHAT_TEMPLATE)
+
+
+def _instantiate(cls, config, seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(config)
+    model.set_attn_implementation("sdpa")
+    model.eval()
+    text = config.get_text_config()
+    gen = model.generation_config
+    gen.pad_token_id, gen.bos_token_id, gen.eos_token_id = text.pad_token_id, text.bos_token_id, text.eos_token_id
+    return model
 
 
 def _ids(tok) -> dict:
@@ -54,7 +95,7 @@ def build(family: str, seed: int = 0):
     import transformers
 
     tok = _tokenizer()
-    mean, std, patch = tiny_families.OPENAI_CLIP_MEAN, tiny_families.OPENAI_CLIP_STD, 14
+    mean, std, patch = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, 14
     if family == "qwen2_5_vl":
         cfg = transformers.Qwen2_5_VLConfig(text_config=_text(tok), vision_config={
             "depth": 4, "hidden_size": 32, "intermediate_size": 64, "out_hidden_size": 64, "num_heads": 2,
@@ -78,10 +119,7 @@ def build(family: str, seed: int = 0):
         mean, std, patch = [0.5] * 3, [0.5] * 3, 16
     else:
         raise ValueError(f"no tiny vLLM model for {family}")
-    model = tiny._instantiate(cls, cfg, seed, "sdpa")
-    proc = tiny_families._qwen_processor(proc_name, patch, mean, std, tok, 64)
-    proc.chat_template = CHAT_TEMPLATE
-    return model, proc
+    return _instantiate(cls, cfg, seed), _processor(proc_name, patch, mean, std, tok)
 
 
 def save(model, proc, out: Path) -> Path:
@@ -91,7 +129,7 @@ def save(model, proc, out: Path) -> Path:
     proc.tokenizer.save_pretrained(out)
     proc.image_processor.save_pretrained(out)
     (out / "chat_template.jinja").write_text(proc.chat_template)
-    base = type(proc).__mro__[1].__name__  # TinyQwen2_5_VLProcessor -> Qwen2_5_VLProcessor
+    base = type(proc).__mro__[1].__name__  # NoVideoProcessor -> Qwen2_5_VLProcessor
     (out / "processor_config.json").write_text(json.dumps({"processor_class": base}))
     tc_path = out / "tokenizer_config.json"
     tc = json.loads(tc_path.read_text())

@@ -61,6 +61,9 @@ def serving_config(config: PruneConfig) -> PruneConfig:
     if budget is None:
         raise ConfigError(f"the strategy for '{name}' has no budget; the vLLM plugin keeps round(budget·n) of each "
                           "image's n tokens, so the file needs a budget in (0, 1]")
+    if getattr(config, "positions", "keep") != "keep":
+        raise ConfigError(f"positions={config.positions!r} is not served: the vLLM plugin gives kept tokens their "
+                          "original M-RoPE positions; save the strategy with positions='keep'")
     if name == "vflowopt":
         return replace(config, retention=(float(budget), 1.0, 1.0))
     return config

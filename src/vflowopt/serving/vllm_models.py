@@ -86,7 +86,14 @@ class ImagePruner:
         if self.attention_layer is not None:
             block = self.adapter.vision_layers[self.attention_layer]
             self.view = AttentionView(block.attn)
-            block.attn.register_forward_pre_hook(self._on_attention, with_kwargs=True)
+            self._hook = block.attn.register_forward_pre_hook(self._on_attention, with_kwargs=True)
+
+    def close(self) -> None:
+        """Remove the attention hook (the plan changed)."""
+        hook = getattr(self, "_hook", None)
+        if hook is not None:
+            hook.remove()
+            self._hook = None
 
     def normalised_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The pixels as transformers' processor returns them (normalised). vLLM >= 0.32 may leave rescaling
@@ -224,20 +231,36 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
         vflowopt_extra_channel: bool = False
 
         def _vflowopt_init(self) -> None:
-            plan = active_plan()
             self.vflowopt_pruner = None
-            self.vflowopt_prunes_images = False
-            if plan is None or plan.is_identity:
-                return
-            pruner = ImagePruner(plan, self.vflowopt_family, self.config, self.visual)
-            check_tensor_parallel(plan, pruner.needs_attention, parallel_state.get_tensor_model_parallel_world_size())
-            self.vflowopt_pruner = pruner
-            self.vflowopt_prunes_images = True
-            # images (and videos, unpruned unless vLLM's own video pruning is on) carry their M-RoPE positions
-            self.is_multimodal_pruning_enabled = True
+            self._vflowopt_plan = None
+            plan = active_plan()
+            self.vflowopt_prunes_images = plan is not None and not plan.is_identity
+            if self.vflowopt_prunes_images:
+                self._vflowopt_current()  # a strategy this model cannot serve stops the server here
+                # images (and videos, unpruned unless vLLM's own video pruning is on) carry their M-RoPE positions
+                self.is_multimodal_pruning_enabled = True
+
+        def _vflowopt_current(self):
+            """The pruner of the active plan (rebuilt when `set_plan` replaced it; None: keep every token)."""
+            plan = active_plan()
+            if plan is not self._vflowopt_plan:
+                if self.vflowopt_pruner is not None:
+                    self.vflowopt_pruner.close()
+                self.vflowopt_pruner = None
+                if plan is not None:
+                    pruner = ImagePruner(plan, self.vflowopt_family, self.config, self.visual)
+                    try:
+                        check_tensor_parallel(plan, pruner.needs_attention,
+                                              parallel_state.get_tensor_model_parallel_world_size())
+                    except ConfigError:
+                        pruner.close()
+                        raise
+                    self.vflowopt_pruner = pruner
+                self._vflowopt_plan = plan
+            return self.vflowopt_pruner
 
         def _process_image_input(self, image_input):
-            pruner = self.vflowopt_pruner
+            pruner = self._vflowopt_current() if self.vflowopt_prunes_images else None
             if pruner is None or image_input["type"] != "pixel_values":
                 return super()._process_image_input(image_input)
             pruner.begin(image_input["image_grid_thw"])
@@ -247,15 +270,19 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
                 pruner.end()
 
         def _postprocess_image_embeds_evs(self, image_embeds_split, image_input):
-            pruner = self.vflowopt_pruner
-            if pruner is None:
+            if not self.vflowopt_prunes_images:
                 return super()._postprocess_image_embeds_evs(image_embeds_split, image_input)
+            pruner = self._vflowopt_current()
             grid = image_input["image_grid_thw"]
-            pixels = image_input.get("pixel_values") if image_input["type"] == "pixel_values" else None
-            selected = pruner.select(tuple(image_embeds_split), grid, pixels)
+            merge = int(self.config.vision_config.spatial_merge_size)
+            if pruner is None:
+                selected = [(e, torch.arange(e.shape[0], device=e.device)) for e in image_embeds_split]
+            else:
+                pixels = image_input.get("pixel_values") if image_input["type"] == "pixel_values" else None
+                selected = pruner.select(tuple(image_embeds_split), grid, pixels)
             out = []
             for (emb, idx), size in zip(selected, grid.tolist()):
-                pos = media_positions(size, pruner.merge, self.vflowopt_extra_channel).to(emb.device)
+                pos = media_positions(size, merge, self.vflowopt_extra_channel).to(emb.device)
                 out.append(torch.cat([emb, pos[idx.to(emb.device)].to(emb.dtype)], dim=1))
             return tuple(out)
 

@@ -1,0 +1,87 @@
+"""Running the tiny models in vLLM (in-process engine) and in transformers, with the same strategy.
+
+Also runnable as a script, `python tests/vllm/engine.py MODEL_DIR FAMILY N_CASES OUT.json`: a stock vLLM run
+(no VFLOWOPT_VLLM_CONFIG) in its own process, the reference for "budget 1.0 equals stock vLLM".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+MAX_TOKENS = 6
+
+
+def engine_kwargs() -> dict:
+    # No prefix caching and no processor cache: every case must run its own prefill and vision pass.
+    return dict(enforce_eager=True, max_model_len=512, max_num_seqs=4, max_num_batched_tokens=1024, dtype="float32",
+                seed=0, limit_mm_per_prompt={"image": 1, "video": 0}, enable_prefix_caching=False,
+                mm_processor_cache_gb=0)
+
+
+def make_llm(model_dir: str):
+    for key, value in ENGINE_ENV.items():
+        os.environ.setdefault(key, value)
+    from vllm import LLM
+
+    return LLM(model=model_dir, **engine_kwargs())
+
+
+def vllm_generate(llm, prompt: str, image) -> dict:
+    """Greedy tokens, each chosen token's logprob, and the prompt length vLLM reports."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=0)
+    out = llm.generate({"prompt": prompt, "multi_modal_data": {"image": image}}, params, use_tqdm=False)[0]
+    o = out.outputs[0]
+    return {"tokens": list(o.token_ids), "prompt_len": len(out.prompt_token_ids),
+            "logprobs": [o.logprobs[i][t].logprob for i, t in enumerate(o.token_ids)]}
+
+
+def hf_generate(model, proc, prompt: str, image, config=None) -> dict:
+    """The same on the transformers path (`vflowopt.prune` with `config`, or unpruned)."""
+    import torch
+
+    import vflowopt
+
+    batch = proc(text=[prompt], images=[image], return_tensors="pt")
+    handle = vflowopt.prune(model, config) if config is not None else None
+    try:
+        with torch.no_grad():
+            g = model.generate(**batch, max_new_tokens=MAX_TOKENS, do_sample=False, output_logits=True,
+                               return_dict_in_generate=True)
+        start = batch["input_ids"].shape[1]
+        tokens = g.sequences[0, start:].tolist()
+        result = {"tokens": tokens, "prompt_len": start,
+                  "logprobs": [torch.log_softmax(lg[0].float(), -1)[t].item() for lg, t in zip(g.logits, tokens)]}
+        if handle is not None:
+            name, mask = handle.stats.kept.stages[0]
+            assert name == "before LLM"
+            result["kept"] = mask.reshape(-1).nonzero().squeeze(-1).tolist()
+            result["tokens_into_llm"] = handle.stats.tokens_into_llm
+        return result
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def case_image(i: int):
+    """A distinct picture per case (so no cache of a previous case can answer), 80x120 like example_image."""
+    from vflowopt.tiny import example_image
+
+    return example_image(seed=100 + i)
+
+
+if __name__ == "__main__":
+    model_dir, family, n_cases, out_path = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    os.environ.pop("VFLOWOPT_VLLM_CONFIG", None)
+    import harness
+
+    _, proc = harness.build(family)
+    llm = make_llm(model_dir)
+    results = [vllm_generate(llm, harness.prompt(proc), case_image(i)) for i in range(n_cases)]
+    with open(out_path, "w") as f:
+        json.dump(results, f)

