@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import copy
 import functools
 import importlib.util
 import math
@@ -378,3 +379,55 @@ def test_processor_text_expansion_is_the_real_processors():
     batch = build_video_inputs(processor, example_video(0, frames=3), "x")
     expected = processor._get_num_multimodal_tokens(video_sizes=[(3, 56, 56)])["num_video_tokens"]
     assert [int((batch["input_ids"] == VIDEO_TOKEN_ID).sum())] == list(expected)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# where torchvision works: the whole BatchFeature equals the real processor + real video processor
+# --------------------------------------------------------------------------------------------------------------
+
+_REAL_VIDEO_PROCESSORS = {
+    "llava_onevision": "LlavaOnevisionVideoProcessor",
+    "qwen2_vl": "Qwen2VLVideoProcessor",
+    "qwen2_5_vl": "Qwen2VLVideoProcessor",
+    "qwen3_vl": "Qwen3VLVideoProcessor",
+    "llava_next_video": "LlavaNextVideoVideoProcessor",
+    "video_llava": "VideoLlavaVideoProcessor",
+}
+
+
+def _real_video_processor(family: str, fp: VideoFrameProcessor):
+    """The transformers video processor with the settings of ``fp``, or a skip where torchvision is unusable."""
+    try:
+        import torchvision  # noqa: F401
+        import transformers
+
+        cls = getattr(transformers, _REAL_VIDEO_PROCESSORS[family])
+        settings = {"size": dict(fp.size), "image_mean": list(fp.image_mean), "image_std": list(fp.image_std),
+                    "resample": fp.resample, "do_sample_frames": fp.do_sample_frames}
+        if fp.kind == "resize":
+            settings.update(do_center_crop=fp.do_center_crop, crop_size=fp.crop_size)
+        else:
+            settings.update(patch_size=fp.patch_size, temporal_patch_size=fp.temporal_patch_size,
+                            merge_size=fp.merge_size, cap_pixels_per_frame=False)
+            if fp.kind == "qwen3":
+                settings.update(fps=fp.fps, min_frames=fp.min_frames, max_frames=fp.max_frames)
+        return cls(**settings)
+    except Exception as error:  # ImportError, or a torchvision build that does not load with this torch
+        pytest.skip(f"no working torchvision ({type(error).__name__}): {str(error).splitlines()[0][:80]}")
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+@pytest.mark.parametrize("frames", [2, 5])
+def test_equals_real_video_processor_where_torchvision_works(family, frames):
+    _, processor = _tiny(family)
+    real = _real_video_processor(family, get_video_processor(processor))
+    video, image = example_video(5, frames=frames, size=(150, 90)), example_image(1)
+    ours, texts = build_video_inputs(processor, video, "x", images=[image], fps=12, return_text=True)
+    with_real = copy.copy(processor)
+    with_real.video_processor = real
+    theirs = with_real(images=[[image]], text=texts, videos=[video], return_tensors="pt", padding=True,
+                       padding_side="left", videos_kwargs={"video_metadata": [
+                           {"total_num_frames": frames, "fps": 12.0, "frames_indices": list(range(frames))}]})
+    assert set(ours.keys()) == set(theirs.keys())
+    for key in theirs:
+        assert torch.equal(torch.as_tensor(ours[key]), torch.as_tensor(theirs[key])), key

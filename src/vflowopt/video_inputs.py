@@ -589,11 +589,13 @@ def build_video_inputs(
     kwargs: dict[str, Any] = {"return_tensors": "pt", "padding": True, "padding_side": "left"}
     kwargs.update(processor_kwargs)
     videos_kwargs = dict(kwargs.pop("videos_kwargs", {}))
+    if fps is None and family == "qwen3_vl":
+        fps = 24.0  # what transformers assumes (with a warning) for frames without metadata; same result
     if fps is not None:
-        videos_kwargs.setdefault("video_metadata", [{"fps": float(fps)} for _ in tensors])
-    elif family == "qwen3_vl":
-        # transformers assumes 24 fps (and warns) for frames without metadata; say so explicitly, same result
-        videos_kwargs.setdefault("video_metadata", [{"fps": 24.0} for _ in tensors])
+        # the metadata transformers makes for pre-decoded frames (make_batched_metadata), plus the fps
+        videos_kwargs.setdefault("video_metadata", [
+            {"total_num_frames": t.shape[0], "fps": float(fps), "frames_indices": list(range(t.shape[0])),
+             "height": t.shape[2], "width": t.shape[3]} for t in tensors])
     if videos_kwargs:
         kwargs["videos_kwargs"] = videos_kwargs
 
