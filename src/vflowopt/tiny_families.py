@@ -3,12 +3,15 @@
 Like :mod:`vflowopt.tiny`: configs built in code, seeded random weights, the shared byte-level BPE
 tokenizer (``<image>`` is id 5, ``<video>`` id 6) and the pure-PIL image processors; nothing touches a
 model hub. Processors with a ``video_processor`` slot are built through a subclass that accepts
-``video_processor=None`` (torchvision is unusable here; see :func:`vflowopt.tiny.onevision_processor_class`),
-so only images and text are supported by these tiny processors.
+``video_processor=None`` (torchvision is unusable here; see :func:`vflowopt.tiny.onevision_processor_class`);
+calling them directly supports images and text. Each also carries a torchvision-free video processor
+(:mod:`vflowopt.video_inputs`), so :func:`vflowopt.video_inputs.build_video_inputs` builds video prompts.
 
 * :func:`tiny_llava_next` - CLIP (56 px, 14 px patches, CLS) + Llama, anyres pinpoints ``{56,112}^2``.
 * :func:`tiny_qwen2_vl`, :func:`tiny_qwen2_5_vl`, :func:`tiny_qwen3_vl` - 14 px patches (16 for Qwen3-VL),
   2×2 merge, M-RoPE text model; the image processor keeps images small (at most 64 merged tokens).
+* :func:`tiny_llava_next_video` - the LLaVA-NeXT CLIP/anyres set-up + stride-2 average video pooling.
+* :func:`tiny_video_llava` - Video-LLaVA: separate CLIP image and video towers, CLS kept for video frames.
 """
 
 from __future__ import annotations

@@ -560,6 +560,10 @@ def build_video_inputs(
         raise ValueError("build_video_inputs needs at least one video; use vflowopt.tiny.build_inputs for images")
     tensors = [_video_tensor(video, i) for i, video in enumerate(flat_videos)]
 
+    if not family.startswith("qwen") and len({t.shape[0] for t in tensors}) > 1:
+        counts = ", ".join(str(t.shape[0]) for t in tensors)
+        raise ValueError(f"{family} stacks the videos of one call into a (videos, frames, 3, H, W) tensor, so they "
+                         f"need the same number of frames; got {counts}")
     frame_processor = video_processor if video_processor is not None else get_video_processor(processor)
     if family == "qwen3_vl" and isinstance(frame_processor, VideoFrameProcessor):
         sample = processor_kwargs.get("videos_kwargs", {}).get("do_sample_frames", frame_processor.do_sample_frames)
