@@ -32,6 +32,7 @@ from vflowopt.video_inputs import (
     qwen3_video_smart_resize,
     video_family,
     video_frame_processor,
+    video_frame_processor_from_dict,
 )
 
 VIDEO_TOKEN_ID = 6
@@ -335,6 +336,18 @@ def test_family_defaults_match_transformers_video_processors(family):
         if name in real:
             assert getattr(ours, name) == real[name], name
     assert set(FAMILY_VIDEO_DEFAULTS) == set(VIDEO_FAMILIES)
+
+
+def test_checkpoint_video_config_overrides_defaults():
+    # the fields of a Qwen2-VL-style video_preprocessor_config.json (legacy min/max_pixels) and a OneVision one
+    qwen = video_frame_processor_from_dict("qwen2_5_vl", {"min_pixels": 3136, "max_pixels": 12845056,
+                                                          "processor_class": "Qwen2_5_VLProcessor", "patch_size": 14})
+    assert qwen.size == {"shortest_edge": 3136, "longest_edge": 12845056} and qwen.kind == "qwen2"
+    onevision = video_frame_processor_from_dict("llava_onevision", {"image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+                                                                    "size": {"height": 384, "width": 384}})
+    assert onevision.image_mean == (0.5, 0.5, 0.5) and onevision.resample == 3
+    crop = video_frame_processor_from_dict("video_llava", {"crop_size": 224})
+    assert crop.crop_size == {"height": 224, "width": 224}
 
 
 def _source_function(relative: str, name: str, class_name: str | None = None):

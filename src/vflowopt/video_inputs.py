@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+import platform
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,7 @@ __all__ = [
     "qwen3_video_smart_resize",
     "video_family",
     "video_frame_processor",
+    "video_frame_processor_from_dict",
 ]
 
 #: Attribute under which a processor carries its :class:`VideoFrameProcessor` (not a ProcessorMixin slot, so
@@ -275,8 +277,10 @@ class VideoFrameProcessor:
             return video
         mode = _RESAMPLE_MODES[int(self.resample)]
         options = {"align_corners": False, "antialias": True} if mode != "nearest" else {}
-        if mode == "bilinear" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-            # torchvision resizes bilinear uint8 natively only on AVX2/AVX512 CPUs; elsewhere via float + round
+        native_bilinear = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") or platform.machine() in (
+            "aarch64", "arm64")
+        if mode == "bilinear" and not native_bilinear:
+            # torchvision resizes bilinear uint8 natively only on AVX2/AVX512/ARM CPUs; elsewhere via float + round
             out = torch.nn.functional.interpolate(video.float(), size=(height, width), mode=mode, **options)
             return out.round_().to(torch.uint8)
         return torch.nn.functional.interpolate(video, size=(height, width), mode=mode, **options)
@@ -431,6 +435,30 @@ def video_frame_processor(family: str, **overrides: Any) -> VideoFrameProcessor:
     settings["image_mean"] = tuple(settings["image_mean"])
     settings["image_std"] = tuple(settings["image_std"])
     return VideoFrameProcessor(**settings)
+
+
+_SETTING_NAMES = ("size", "image_mean", "image_std", "resample", "rescale_factor", "do_center_crop", "crop_size",
+                  "patch_size", "temporal_patch_size", "merge_size", "do_sample_frames", "fps", "min_frames",
+                  "max_frames")
+
+
+def video_frame_processor_from_dict(family: str, config: dict[str, Any]) -> VideoFrameProcessor:
+    """The family's :class:`VideoFrameProcessor` with a checkpoint's ``video_preprocessor_config.json`` values.
+
+    Keys the frame processor has no use for are ignored; Qwen's legacy ``min_pixels``/``max_pixels`` become
+    ``size`` as in ``Qwen2VLVideoProcessor.__init__``.
+    """
+    settings = {k: config[k] for k in _SETTING_NAMES if config.get(k) is not None}
+    if family.startswith("qwen"):
+        size = dict(settings.get("size") or FAMILY_VIDEO_DEFAULTS[family]["size"])
+        if config.get("min_pixels") is not None:
+            size["shortest_edge"] = int(config["min_pixels"])
+        if config.get("max_pixels") is not None:
+            size["longest_edge"] = int(config["max_pixels"])
+        settings["size"] = {k: size[k] for k in ("shortest_edge", "longest_edge")}
+    if isinstance(settings.get("crop_size"), int):
+        settings["crop_size"] = {"height": settings["crop_size"], "width": settings["crop_size"]}
+    return video_frame_processor(family, **settings)
 
 
 def video_family(processor) -> str:
