@@ -45,6 +45,7 @@ REFUSED_METHODS: dict[str, str] = {
 #: vLLM architecture name -> vflowopt family, for the models the plugin prunes.
 FAMILIES: dict[str, str] = {
     "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+    "Qwen3VLForConditionalGeneration": "qwen3_vl",
 }
 
 

@@ -27,7 +27,8 @@ import sys
 
 #: torchvision-only module -> (its PIL twin, module-relative; class name bound to the PIL class).
 _ALIASES: dict[str, tuple[str, str]] = {
-    "transformers.models.qwen2_vl.image_processing_qwen2_vl": ("image_processing_pil_qwen2_vl", "Qwen2VLImageProcessor"),
+    "transformers.models.qwen2_vl.image_processing_qwen2_vl": ("image_processing_pil_qwen2_vl",
+                                                               "Qwen2VLImageProcessor"),
 }
 
 _installed = False
@@ -88,7 +89,19 @@ def _install_stub_video_processor() -> None:
     class StubVideoProcessorLoader:
         @classmethod
         def from_pretrained(cls, *args, **kwargs):
-            return StubVideoProcessor()
+            """vLLM's Qwen3-VL sizes its video budget from `video_processor.size` (and patch/merge sizes) even
+            when videos are off: copy them from the image processor of the same folder."""
+            stub = StubVideoProcessor()
+            try:
+                from transformers import AutoImageProcessor
+
+                image = AutoImageProcessor.from_pretrained(*args, **kwargs)
+            except Exception:
+                return stub
+            for name in ("size", "patch_size", "merge_size", "temporal_patch_size", "image_mean", "image_std"):
+                if hasattr(image, name):
+                    setattr(stub, name, getattr(image, name))
+            return stub
 
     original_check = pu.ProcessorMixin.check_argument_for_proper_class
 

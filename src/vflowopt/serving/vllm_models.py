@@ -63,7 +63,8 @@ def hf_rotary(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> tuple[torc
 class ImagePruner:
     """Selects each image's kept tokens with the plan's method, as `vflowopt.prune` would before the LLM."""
 
-    def __init__(self, plan: ServingPlan, family: str, hf_config: Any, visual: torch.nn.Module):
+    def __init__(self, plan: ServingPlan, family: str, hf_config: Any, visual: torch.nn.Module,
+                 feature_width: int | None = None):
         self.plan = plan
         self.family = family
         plan.check_family(family)
@@ -77,6 +78,7 @@ class ImagePruner:
         self.needs_keys = bool(method.needs_vision_keys)
         self.merge = int(hf_config.vision_config.spatial_merge_size)
         self.visual = visual
+        self.feature_width = feature_width  # None: the whole embedding row is the feature
         self._capturing = False
         self._grid: torch.Tensor | None = None
         self._maps: list[torch.Tensor] | None = None
@@ -166,11 +168,15 @@ class ImagePruner:
                 signals["vision_keys"] = [self._keys[i].to(emb.device)]
             mask = torch.ones(1, n, dtype=torch.bool, device=emb.device)
             layout = self.adapter.layout(mask, {"image_grid_thw": grid[i : i + 1]}, 1)
-            sel = select_before_llm(self.config, self.adapter, layout, emb[None], signals=signals)
+            # Qwen3-VL: the tower's output is [features | deepstack features]; methods see the features, and a
+            # recycled token keeps the deepstack rows of the token it replaces (as the transformers path does)
+            main = emb[:, : self.feature_width] if self.feature_width else emb
+            sel = select_before_llm(self.config, self.adapter, layout, main[None], signals=signals)
             keep = sel.keep[0].to(emb.device)
             feats = emb
             if sel.replaced is not None and sel.features is not None and bool(sel.replaced.any()):
-                feats = torch.where(sel.replaced[0].to(emb.device)[:, None], sel.features[0].to(emb.dtype), emb)
+                merged = torch.where(sel.replaced[0].to(emb.device)[:, None], sel.features[0].to(emb.dtype), main)
+                feats = torch.cat([merged, emb[:, merged.shape[1]:]], dim=1)
             if int(keep.sum()) != k:  # the prompt holds k placeholders: any other count would corrupt it
                 raise PruningError(f"vflowopt: method '{self.plan.method}' kept {int(keep.sum())} of {n} tokens of "
                                    f"an image, but the prompt has {k} placeholders for it")
@@ -180,18 +186,23 @@ class ImagePruner:
         return out
 
 
+#: Qwen3-VL: fifth position channel of the images this plugin pruned (vLLM's own items carry 0 or 1 there).
+QWEN3_IMAGE_MARK = -7
+
+
 def media_positions(grid_thw: list[int], merge: int, extra_zero_channel: bool) -> torch.Tensor:
     """(n, 4) M-RoPE positions of an image's tokens as if it started the sequence ([t, h, w] from vLLM's
-    `compute_mrope_for_media`) plus the offset at which the text after it continues: max + 1, where the
-    unpruned prompt continues (vLLM's EVS puts the grid width there, which is the same for the square and
-    wide grids of video frames but not for tall images). With `extra_zero_channel` (Qwen3-VL) a fifth
-    channel of zeros is added instead: that model's recompute takes the offset from the max itself."""
+    `compute_mrope_for_media`) plus the offset at which the text after it continues: max + 1 over the whole
+    image, where the unpruned prompt continues (vLLM's EVS puts the grid width there, which differs for tall
+    images, and Qwen3-VL's 5-channel recompute takes the max over the kept tokens only). With
+    `extra_zero_channel` (Qwen3-VL, whose runner strips 5 channels) a fifth channel `QWEN3_IMAGE_MARK` marks
+    the item for `qwen3_recompute_positions`."""
     from vllm.multimodal.video_prune.evs import compute_mrope_for_media
 
     pos = compute_mrope_for_media(grid_thw, merge)
-    if extra_zero_channel:
-        return torch.cat([pos[:, :3], torch.zeros_like(pos[:, :1]), torch.zeros_like(pos[:, :1])], 1)
     pos[:, 3] = pos[:, :3].max() + 1
+    if extra_zero_channel:
+        return torch.cat([pos, torch.full_like(pos[:, :1], QWEN3_IMAGE_MARK)], 1)
     return pos
 
 
@@ -248,7 +259,8 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
                     self.vflowopt_pruner.close()
                 self.vflowopt_pruner = None
                 if plan is not None:
-                    pruner = ImagePruner(plan, self.vflowopt_family, self.config, self.visual)
+                    pruner = ImagePruner(plan, self.vflowopt_family, self.config, self.visual,
+                                         getattr(self, "visual_dim", None) if self.vflowopt_extra_channel else None)
                     try:
                         check_tensor_parallel(plan, pruner.needs_attention,
                                               parallel_state.get_tensor_model_parallel_world_size())
@@ -320,8 +332,65 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
                 return super()._postprocess_video_embeds_evs(video_embeds_split, video_input)
             return qwen2_5_video_positions(self, video_embeds_split, video_input)
 
+    from vllm.model_executor.models import qwen3_vl as q3
+    from vllm.multimodal.video_prune.evs import recompute_mrope_positions
+
+    def qwen3_recompute_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
+        """Qwen3-VL's own recompute, except that the images this plugin pruned pass their 4 channels
+        [t, h, w, offset] (vLLM's 4-channel form) so that the text after them continues at the unpruned
+        prompt's positions; vLLM's own items (videos) keep their 5 channels."""
+        device = multimodal_embeddings[0].device if len(multimodal_embeddings) else mrope_positions.device
+        if isinstance(input_ids, torch.Tensor):
+            ids = input_ids.to(dtype=torch.long)
+        else:
+            ids = torch.tensor(input_ids, dtype=torch.long, device=device)
+        embeds, positions = [], []
+        for mm in multimodal_embeddings:
+            if mm.shape[0] == 0:
+                embeds.append(mm)
+                positions.append(torch.empty(5, 0, device=device, dtype=torch.long))
+                continue
+            pos = mm[:, -5:].permute(1, 0).long()
+            embeds.append(mm[:, :-5])
+            positions.append(pos[:4] if bool((pos[4] == QWEN3_IMAGE_MARK).all()) else pos)
+        new_positions, delta = recompute_mrope_positions(
+            ids, positions, mrope_positions, num_computed_tokens, self.config.vision_start_token_id,
+            self.config.image_token_id, self.config.video_token_id)
+        return embeds, new_positions, delta
+
+    class Qwen3Processor(q3.Qwen3VLMultiModalProcessor):
+        def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+            return pruning_prompt_updates(
+                list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)))
+
+    @MULTIMODAL_REGISTRY.register_processor(Qwen3Processor, info=q3.Qwen3VLProcessingInfo,
+                                            dummy_inputs=q3.Qwen3VLDummyInputsBuilder)
+    class Qwen3Model(PruningMixin, q3.Qwen3VLForConditionalGeneration):
+        vflowopt_family = FAMILIES["Qwen3VLForConditionalGeneration"]
+        vflowopt_extra_channel = True
+
+        def __init__(self, *, vllm_config, prefix: str = ""):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+            self._vflowopt_init()
+
+        def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
+            if not self.vflowopt_prunes_images:
+                return super().recompute_mrope_positions(input_ids, multimodal_embeddings, mrope_positions,
+                                                         num_computed_tokens)
+            return qwen3_recompute_positions(self, input_ids, multimodal_embeddings, mrope_positions,
+                                             num_computed_tokens)
+
+        def _postprocess_video_embeds_evs(self, video_embeds_split, video_input):
+            if self.vflowopt_prunes_images and not self.video_pruning_rate:
+                # vLLM 0.32's Qwen3-VL video path ties "positions appended" to its own video pruning (EVS)
+                raise PruningError("vflowopt: with image pruning on, Qwen3-VL video inputs need vLLM's own video "
+                                   "pruning (--video-pruning-rate) or no videos (--limit-mm-per-prompt video=0)")
+            return super()._postprocess_video_embeds_evs(video_embeds_split, video_input)
+
+    built = {"Qwen2_5_VLForConditionalGeneration": Qwen2_5Model, "Qwen3VLForConditionalGeneration": Qwen3Model}
     classes: dict[str, type] = {}
-    arch = "Qwen2_5_VLForConditionalGeneration"
-    Qwen2_5Model.__name__ = Qwen2_5Model.__qualname__ = names[arch]
-    classes[names[arch]] = Qwen2_5Model
+    for arch, cls in built.items():
+        if arch in names:
+            cls.__name__ = cls.__qualname__ = names[arch]
+            classes[names[arch]] = cls
     return classes
