@@ -351,7 +351,8 @@ def _draw_strip(section, axes, strip: _Strip, kept, maps: dict, columns: list, n
     section.suptitle(f"{name_of}: {strip.note}", fontsize=8)
     prunable = strip.run[tokens.prunable[0][strip.run]]
     frame_of = tokens.frame[0][prunable]
-    lines = []
+    drawn = ", ".join(strip.labels[g].split(" (")[0] for g in strip.shown)
+    lines = [f"{name_of}: {strip.note} ({drawn})"]
     for r, (kind, name) in enumerate(columns):
         for c, group in enumerate(strip.shown):
             ax = axes[r][c]
@@ -367,8 +368,7 @@ def _draw_strip(section, axes, strip: _Strip, kept, maps: dict, columns: list, n
         else:
             line = "calibration set K" if name == "calibration set K" else f"{name} map"
         axes[r][0].set_ylabel(line, fontsize=8)
-        drawn = ", ".join(strip.labels[g].split(" (")[0] for g in strip.shown)
-        lines.append(f"{name_of}, {line} ({drawn})")
+        lines.append(f"{name_of}, {line}")
     return lines
 
 

@@ -109,6 +109,12 @@ def _evenly(total: int, wanted: int) -> list[int]:
     return [round(i * (total - 1) / (wanted - 1)) for i in range(wanted)]
 
 
+def _numbers(indices: list[int]) -> str:
+    """Which source frames (counting from 0) became the picture's frames 0, 1, ...: its titles number the
+    frames given to the model."""
+    return f"source frames {', '.join(map(str, indices))}, drawn as frames 0-{len(indices) - 1}"
+
+
 def _open_image(path: Path, what: str):
     """The opened (not yet decoded) PIL image at `path`, or a CLIError naming `what` it was meant to be."""
     from PIL import Image, UnidentifiedImageError
@@ -169,7 +175,7 @@ def _load_video(spec: str, frames: int) -> tuple[list, float | None, str]:
         raise CLIError(f"--video {spec}: its frames have different sizes {sorted(sizes)}")
     seconds = sum(durations) / 1000.0
     fps = len(picked) / seconds if seconds > 0 and all(durations) else None
-    return picked, fps, f"{spec}: {len(picked)} of {total} frames"
+    return picked, fps, f"{spec}: {len(picked)} of {total} frames ({_numbers(sorted(wanted))})"
 
 
 def _frames_from_directory(path: Path, spec: str, frames: int) -> tuple[list, None, str]:
@@ -192,11 +198,11 @@ def _frames_from_directory(path: Path, spec: str, frames: int) -> tuple[list, No
             elif im.size != size:
                 raise CLIError(f"--video {spec}: frame {f.name} is {im.size[0]}x{im.size[1]} but {first} is "
                                f"{size[0]}x{size[1]}; all frames of a video must have the same size")
-    picked = []
-    for index in _evenly(len(files), frames):
+    picked, wanted = [], _evenly(len(files), frames)
+    for index in wanted:
         with _open_image(files[index], "frame") as im:
             picked.append(_decoded(im, files[index], "frame"))
-    return picked, None, f"{spec}: {len(picked)} of {len(files)} frames"
+    return picked, None, f"{spec}: {len(picked)} of {len(files)} frames ({_numbers(wanted)})"
 
 
 def _check_video_model(args: argparse.Namespace) -> None:
