@@ -41,11 +41,12 @@ def _tokenizer():
     return tok
 
 
-def _text(tok) -> dict:
+def _text(tok, layers: int = TEXT_LAYERS, hidden: int = 64) -> dict:
+    heads = hidden // 32  # head_dim 32
     return {
-        "vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": TEXT_LAYERS,
-        "num_attention_heads": 2, "num_key_value_heads": 1,  # head_dim 32
-        "hidden_act": "silu", "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+        "vocab_size": len(tok), "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": max(1, heads // 2),
+        "hidden_act": "silu", "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
         "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
     }
@@ -90,36 +91,38 @@ def _ids(tok) -> dict:
             "vision_end_token_id": tok.convert_tokens_to_ids("<|vision_end|>")}
 
 
-def build(family: str, seed: int = 0):
-    """(transformers model, processor) of one family, random weights from `seed`."""
+def build(family: str, seed: int = 0, *, text_layers: int = TEXT_LAYERS, text_hidden: int = 64,
+          max_image_tokens: int = 64):
+    """(transformers model, processor) of one family, random weights from `seed`. The defaults are the tests'
+    tiny shapes; the bench passes a wider, deeper text model and larger images."""
     import transformers
 
     tok = _tokenizer()
     mean, std, patch = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, 14
     if family == "qwen2_5_vl":
-        cfg = transformers.Qwen2_5_VLConfig(text_config=_text(tok), vision_config={
-            "depth": 4, "hidden_size": 32, "intermediate_size": 64, "out_hidden_size": 64, "num_heads": 2,
+        cfg = transformers.Qwen2_5_VLConfig(text_config=_text(tok, text_layers, text_hidden), vision_config={
+            "depth": 4, "hidden_size": 32, "intermediate_size": 64, "out_hidden_size": text_hidden, "num_heads": 2,
             "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
             "fullatt_block_indexes": [1, 2], "in_channels": 3, "tokens_per_second": 2}, **_ids(tok))
         cls, proc_name = transformers.Qwen2_5_VLForConditionalGeneration, "Qwen2_5_VLProcessor"
     elif family == "qwen2_vl":
-        cfg = transformers.Qwen2VLConfig(text_config=_text(tok), vision_config={
-            "depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2, "patch_size": 14,
+        cfg = transformers.Qwen2VLConfig(text_config=_text(tok, text_layers, text_hidden), vision_config={
+            "depth": 2, "embed_dim": 32, "hidden_size": text_hidden, "num_heads": 2, "mlp_ratio": 2, "patch_size": 14,
             "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3}, **_ids(tok))
         cls, proc_name = transformers.Qwen2VLForConditionalGeneration, "Qwen2VLProcessor"
     elif family == "qwen3_vl":
-        text = _text(tok)
+        text = _text(tok, text_layers, text_hidden)
         text["head_dim"] = 32
         text["rope_parameters"]["mrope_interleaved"] = True
         cfg = transformers.Qwen3VLConfig(text_config=text, vision_config={
-            "depth": 3, "hidden_size": 32, "intermediate_size": 64, "out_hidden_size": 64, "num_heads": 2,
+            "depth": 3, "hidden_size": 32, "intermediate_size": 64, "out_hidden_size": text_hidden, "num_heads": 2,
             "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 64,
             "deepstack_visual_indexes": [0], "in_channels": 3}, **_ids(tok))
         cls, proc_name = transformers.Qwen3VLForConditionalGeneration, "Qwen3VLProcessor"
         mean, std, patch = [0.5] * 3, [0.5] * 3, 16
     else:
         raise ValueError(f"no tiny vLLM model for {family}")
-    return _instantiate(cls, cfg, seed), _processor(proc_name, patch, mean, std, tok)
+    return _instantiate(cls, cfg, seed), _processor(proc_name, patch, mean, std, tok, max_image_tokens)
 
 
 def save(model, proc, out: Path) -> Path:
