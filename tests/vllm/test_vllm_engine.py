@@ -85,7 +85,7 @@ def _kept(llm):
     return llm.apply_model(lambda m: m.vflowopt_pruner.last_kept if m.vflowopt_pruner is not None else None)[0]
 
 
-FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
+FAMILIES = ["qwen2_5_vl", "qwen3_vl", "qwen2_vl"]
 
 
 @pytest.mark.parametrize("family_setup", FAMILIES, indirect=True)

@@ -46,6 +46,7 @@ REFUSED_METHODS: dict[str, str] = {
 FAMILIES: dict[str, str] = {
     "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
     "Qwen3VLForConditionalGeneration": "qwen3_vl",
+    "Qwen2VLForConditionalGeneration": "qwen2_vl",
 }
 
 

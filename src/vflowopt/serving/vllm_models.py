@@ -7,6 +7,7 @@ path runs, image by image. `build_classes()` makes the vLLM subclasses (imports 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from types import SimpleNamespace
 from typing import Any
@@ -387,7 +388,67 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
                                    "pruning (--video-pruning-rate) or no videos (--limit-mm-per-prompt video=0)")
             return super()._postprocess_video_embeds_evs(video_embeds_split, video_input)
 
-    built = {"Qwen2_5_VLForConditionalGeneration": Qwen2_5Model, "Qwen3VLForConditionalGeneration": Qwen3Model}
+    from vllm.model_executor.models import qwen2_vl as q2
+
+    class Qwen2Processor(q2.Qwen2VLMultiModalProcessor):
+        def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+            return pruning_prompt_updates(
+                list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)))
+
+    @MULTIMODAL_REGISTRY.register_processor(Qwen2Processor, info=q2.Qwen2VLProcessingInfo,
+                                            dummy_inputs=q2.Qwen2VLDummyInputsBuilder)
+    class Qwen2Model(PruningMixin, q2.Qwen2VLForConditionalGeneration):
+        """vLLM 0.32's Qwen2-VL has no multimodal-pruning support (`SupportsMultiModalPruning`): this adds what
+        the runner needs when images are pruned — embeddings with their M-RoPE positions appended (images
+        selected, videos whole) and `recompute_mrope_positions` — in the form Qwen2.5-VL uses."""
+
+        vflowopt_family = FAMILIES["Qwen2VLForConditionalGeneration"]
+
+        def __init__(self, *, vllm_config, prefix: str = ""):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+            self.is_multimodal_pruning_enabled = False
+            self._vflowopt_init()
+
+        def embed_multimodal(self, **kwargs):
+            if not self.vflowopt_prunes_images:
+                return super().embed_multimodal(**kwargs)
+            modalities = self._parse_and_validate_multimodal_inputs(**kwargs)
+            if not modalities:
+                return []
+            merge = int(self.config.vision_config.spatial_merge_size)
+            out: tuple[torch.Tensor, ...] = ()
+            for modality, mm_input in modalities.items():
+                if modality == "images":
+                    embeds = self._process_image_input(mm_input)
+                    out += self._postprocess_image_embeds_evs(embeds, mm_input)
+                elif modality == "videos":
+                    for emb, size in zip(self._process_video_input(mm_input), mm_input["video_grid_thw"].tolist()):
+                        pos = media_positions(size, merge, False).to(emb.device, emb.dtype)
+                        out += (torch.cat([emb, pos], dim=1),)
+            return out
+
+        def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
+            device = multimodal_embeddings[0].device if len(multimodal_embeddings) else mrope_positions.device
+            if isinstance(input_ids, torch.Tensor):
+                ids = input_ids.to(dtype=torch.long)
+            else:
+                ids = torch.tensor(input_ids, dtype=torch.long, device=device)
+            embeds = [mm[:, :-4] for mm in multimodal_embeddings]
+            positions = [mm[:, -4:].permute(1, 0).long() for mm in multimodal_embeddings]
+            new_positions, delta = recompute_mrope_positions(
+                ids, positions, mrope_positions, num_computed_tokens, self.config.vision_start_token_id,
+                self.config.image_token_id, self.config.video_token_id)
+            return embeds, new_positions, delta
+
+        def get_encoder_cudagraph_config(self):
+            # the encoder CUDA-graph path would skip embed_multimodal's positions (as Qwen2.5-VL notes for EVS)
+            config = super().get_encoder_cudagraph_config()
+            if getattr(self, "vflowopt_prunes_images", False):
+                config = dataclasses.replace(config, modalities=[])
+            return config
+
+    built = {"Qwen2_5_VLForConditionalGeneration": Qwen2_5Model, "Qwen3VLForConditionalGeneration": Qwen3Model,
+             "Qwen2VLForConditionalGeneration": Qwen2Model}
     classes: dict[str, type] = {}
     for arch, cls in built.items():
         if arch in names:
