@@ -118,8 +118,8 @@ def test_cli_show_writes_a_png(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("make_args, message", [
-    (lambda d: ["--image", str(d / "clip.mp4"), "--prompt", "x"], "is a video"),
-    (lambda d: ["--image", str(d / "anim.gif"), "--prompt", "x"], "animated image (2 frames)"),
+    (lambda d: ["--image", str(d / "clip.mp4"), "--prompt", "x"], "is a video file"),
+    (lambda d: ["--image", str(d / "anim.gif"), "--prompt", "x"], "animated image (2 frames); pass it as --video"),
     (lambda d: ["--image", str(d / "still.png")], "--prompt is required"),
     (lambda d: ["--budget", "1.5"], "(0, 1]"),
     (lambda d: ["--method", "nope"], "unknown method"),

@@ -122,7 +122,7 @@ def test_mixed_prompt_draws_the_image_rows_and_the_video_strip(tmp_path):
     with vflowopt.pruned(model, vflowopt.VFlowOptConfig(budget=0.25)) as handle:
         fig = kept_tokens(handle, image, inputs, video=frames)
         kept = handle.stats.kept
-        lines = save_kept_tokens(handle, image, str(tmp_path / "mixed.png"), inputs, video=frames)
+        lines = save_kept_tokens(handle, image, str(tmp_path / "mixed.png"), video=frames)  # the same prefill
         with pytest.raises(vflowopt.ConfigError, match="video"):
             kept_tokens(handle, image)  # the prompt had a video
         with pytest.raises(vflowopt.ConfigError, match="image"):
