@@ -2,7 +2,7 @@
 
 ``vflowopt/assets/configs/<name>.json`` hold the architectures of LLaVA-1.5-7B, LLaVA-NeXT-7B (Vicuna),
 LLaVA-OneVision-7B (Qwen2-7B + SigLIP-so400m), LLaVA-OneVision-0.5B (Qwen2-0.5B + SigLIP-so400m; small enough
-to time on a CPU), Qwen2-VL-7B and Qwen2.5-VL-7B, written from the public
+to time on a CPU), Qwen2-VL-7B, Qwen2.5-VL-7B and LLaVA-NeXT-Video-7B, written from the public
 model configs (the ``_source`` field names which). Compute does not depend on weight values, so a
 random-weight model times like the real one; its outputs, and so any fidelity measured on it, are
 meaningless.
@@ -11,6 +11,9 @@ The processor is built without a hub: the package's tiny byte-level tokenizer (s
 prompts are short) plus the family's pure-PIL ``*ImageProcessorPil`` with the real image settings (size,
 anyres pinpoints, Qwen pixel limits, mean/std), so the number of visual tokens per image is the real
 model's. The config's image/video token ids are remapped to the tokenizer's (vocabulary size unchanged).
+Processors of video families also carry a torchvision-free frame processor with the real video settings
+(:mod:`vflowopt.bench.video`; a shipped JSON's ``_video_processor`` entries over the family defaults), so
+``vflowopt bench --video-frames`` gets the real model's number of video tokens too.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
+from ..video_inputs import VIDEO_FAMILIES, attach_video_processor, video_frame_processor
+from .video import video_frame_settings
 
 __all__ = ["REAL_MODELS", "build_random_model", "load_real_config", "offline_processor", "real_config_dict"]
 
@@ -34,6 +39,7 @@ REAL_MODELS: dict[str, str] = {
     "llava-onevision-0.5b": "llava-onevision-0.5b.json",
     "qwen2-vl-7b": "qwen2-vl-7b.json",
     "qwen2.5-vl-7b": "qwen2.5-vl-7b.json",
+    "llava-next-video-7b": "llava-next-video-7b.json",
 }
 
 _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -94,19 +100,19 @@ def offline_processor(config, name: str | None = None):
     pixel limits).
     """
     from ..tiny import CHATML_CHAT_TEMPLATE, LLAVA_CHAT_TEMPLATE, onevision_processor_class, tiny_tokenizer
-    from ..tiny_families import no_video_processor_class
+    from ..tiny_families import LLAVA_VIDEO_CHAT_TEMPLATE, no_video_processor_class
 
     model_type = config.model_type
     settings = _processor_settings(config, name)
     vision = config.vision_config
     text = config.get_text_config()
-    if model_type in ("llava", "llava_next", "llava_onevision"):
+    if model_type in ("llava", "llava_next", "llava_onevision", "llava_next_video", "video_llava"):
         chatml = model_type == "llava_onevision"
         tok = tiny_tokenizer("chatml" if chatml else "llava")
         config.image_token_id = tok.image_token_id
         if hasattr(config, "image_token_index"):
             config.image_token_index = tok.image_token_id
-        if model_type == "llava_onevision":
+        if model_type in ("llava_onevision", "llava_next_video", "video_llava"):
             config.video_token_id = tok.video_token_id
             if hasattr(config, "video_token_index"):
                 config.video_token_index = tok.video_token_id
@@ -115,6 +121,8 @@ def offline_processor(config, name: str | None = None):
         std = settings.get("image_std", [0.5] * 3 if siglip else _CLIP_STD)
         side = int(vision.image_size)
         template = CHATML_CHAT_TEMPLATE if chatml else LLAVA_CHAT_TEMPLATE
+        if model_type in ("llava_next_video", "video_llava"):
+            template = LLAVA_VIDEO_CHAT_TEMPLATE
         if model_type == "llava":
             from transformers import LlavaImageProcessorPil, LlavaProcessor
 
@@ -134,6 +142,25 @@ def offline_processor(config, name: str | None = None):
                                       vision_feature_select_strategy=config.vision_feature_select_strategy,
                                       num_additional_image_tokens=1 if "clip" in str(vision.model_type) else 0,
                                       chat_template=template)
+        elif model_type == "llava_next_video":
+            from transformers import LlavaNextImageProcessorPil
+
+            ip = LlavaNextImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                                            image_grid_pinpoints=copy.deepcopy(config.image_grid_pinpoints),
+                                            image_mean=mean, image_std=std)
+            proc = no_video_processor_class("LlavaNextVideoProcessor")(
+                video_processor=None, image_processor=ip, tokenizer=tok, patch_size=int(vision.patch_size),
+                vision_feature_select_strategy=config.vision_feature_select_strategy,
+                num_additional_image_tokens=1 if "clip" in str(vision.model_type) else 0, chat_template=template)
+        elif model_type == "video_llava":
+            from transformers import VideoLlavaImageProcessor
+
+            ip = VideoLlavaImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                                          image_mean=mean, image_std=std)
+            proc = no_video_processor_class("VideoLlavaProcessor")(
+                image_processor=ip, video_processor=None, tokenizer=tok, patch_size=int(vision.patch_size),
+                vision_feature_select_strategy=config.vision_feature_select_strategy,
+                num_additional_image_tokens=1 if "clip" in str(vision.model_type) else 0, chat_template=template)
         else:
             from transformers import LlavaOnevisionImageProcessorPil
 
@@ -168,6 +195,9 @@ def offline_processor(config, name: str | None = None):
                                                chat_template=CHATML_CHAT_TEMPLATE)
     else:
         raise ConfigError(f"cannot build an offline processor for model type '{model_type}'")
+    if model_type in VIDEO_FAMILIES:
+        shipped = real_config_dict(name).get("_video_processor") if name is not None else None
+        attach_video_processor(proc, video_frame_processor(model_type, **video_frame_settings(config, ip, shipped)))
     text.pad_token_id = tok.pad_token_id
     tok.model_max_length = max(int(tok.model_max_length), int(getattr(text, "max_position_embeddings", 0) or 0))
     return proc

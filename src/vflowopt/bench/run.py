@@ -47,7 +47,8 @@ from .flops import (
 )
 from .memory import PeakMemory, kv_cache_bytes
 
-__all__ = ["REFERENCE", "BenchRecord", "VisionWork", "prefill_flops", "run_bench", "validate_grid"]
+__all__ = ["REFERENCE", "BenchRecord", "VisionWork", "prefill_flops", "run_bench", "validate_grid",
+           "visual_placeholders"]
 
 REFERENCE = "unpruned"
 DEFAULT_BUDGETS = (1.0, 0.5, 0.25, 0.1)
@@ -101,12 +102,18 @@ class BenchRecord:
 
 @dataclasses.dataclass
 class VisionWork:
-    """What the vision side of one forward computed (recorded by hooks on the unpruned reference)."""
+    """What the vision side of one forward computed (recorded by hooks on the unpruned reference).
 
-    crops: int = 0  # CLIP/SigLIP: images/crops through the tower
-    tokens_per_crop: int = 0  # encoder sequence length per crop (CLS included)
-    projector_tokens: int = 0  # features through the LLaVA projector
-    grid_thw: list[list[int]] = dataclasses.field(default_factory=list)  # Qwen-VL: per image (t, h, w)
+    A video is a run of frames through the same towers as pictures: CLIP/SigLIP frames count as crops
+    (one ``passes`` entry per tower call, so a prompt whose images and frames differ in size is counted
+    per pass), Qwen-VL videos add their ``video_grid_thw`` rows (t = temporal patches) to ``grid_thw``.
+    """
+
+    crops: int = 0  # CLIP/SigLIP: images/crops/frames through the tower(s)
+    tokens_per_crop: int = 0  # encoder sequence length per crop (CLS included), of the last pass
+    projector_tokens: int = 0  # features through the LLaVA projector (after NeXT-Video's pooling)
+    grid_thw: list[list[int]] = dataclasses.field(default_factory=list)  # Qwen-VL: per image/video (t, h, w)
+    passes: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (crops, tokens per crop) per call
 
     @property
     def qwen(self) -> bool:
@@ -118,14 +125,17 @@ def _is_qwen(config: Any) -> bool:
 
 
 class _VisionCensus:
-    """Forward pre-hooks on the vision tower and the projector that record their input sizes."""
+    """Forward pre-hooks on the vision tower(s) and the projector that record their input sizes (every
+    tower: Video-LLaVA encodes videos with a second one)."""
 
     def __init__(self, model: nn.Module):
         self.work = VisionWork()
         adapter = adapter_for(model)
         self._handles = []
         self._qwen = _is_qwen(model.config)
-        self._handles.append(adapter.vision_tower.register_forward_pre_hook(self._on_vision, with_kwargs=True))
+        towers = list(getattr(adapter, "vision_towers", None) or [adapter.vision_tower])
+        for tower in dict.fromkeys(towers):
+            self._handles.append(tower.register_forward_pre_hook(self._on_vision, with_kwargs=True))
         projector = getattr(adapter.base, "multi_modal_projector", None)
         if projector is not None:
             self._handles.append(projector.register_forward_pre_hook(self._on_projector, with_kwargs=True))
@@ -140,9 +150,11 @@ class _VisionCensus:
             return None
         pixels = kwargs.get("pixel_values", args[0] if args else None)
         if pixels is not None:
-            self.work.crops += int(pixels.shape[0])
+            crops = int(pixels.numel() // (pixels.shape[-3] * pixels.shape[-2] * pixels.shape[-1]))
             grid = (pixels.shape[-2] // self._patch) * (pixels.shape[-1] // self._patch)
+            self.work.crops += crops
             self.work.tokens_per_crop = grid + self._cls
+            self.work.passes.append((crops, grid + self._cls))
         return None
 
     def _on_projector(self, module, args, kwargs):
@@ -169,12 +181,13 @@ def prefill_flops(config: Any, work: VisionWork, kv_tokens_per_layer: Sequence[i
         scoring = 0 if scoring_vision_layer is None else qwen_vision_scoring_flops(vc, work.grid_thw,
                                                                                      scoring_vision_layer)
     else:
-        vision = vision_flops(vc, work.crops, work.tokens_per_crop) if work.crops else 0
+        passes = work.passes or ([(work.crops, work.tokens_per_crop)] if work.crops else [])
+        vision = sum(vision_flops(vc, crops, tokens) for crops, tokens in passes)
         if work.projector_tokens:
             vision += projector_flops(config, work.projector_tokens)
         scoring = 0
-        if scoring_vision_layer is not None and work.crops:
-            scoring = vision_scoring_flops(vc, work.crops, work.tokens_per_crop)
+        if scoring_vision_layer is not None:
+            scoring = sum(vision_scoring_flops(vc, crops, tokens) for crops, tokens in passes)
     llm = llm_prefill_flops(config.text_config, list(kv_tokens_per_layer), logits_tokens=1)
     return {"vision": vision, "llm": llm, "scoring": scoring, "total": vision + llm + scoring}
 
@@ -182,6 +195,17 @@ def prefill_flops(config: Any, work: VisionWork, kv_tokens_per_layer: Sequence[i
 # ---------------------------------------------------------------------------------------------------
 # Measurement
 # ---------------------------------------------------------------------------------------------------
+
+
+def visual_placeholders(model: nn.Module, input_ids: torch.Tensor) -> int:
+    """Image + video placeholder tokens in `input_ids` (the budget unit counts both; newline tokens included,
+    unlike ``stats.visual_tokens``)."""
+    adapter = adapter_for(model)
+    mask = input_ids == adapter.image_token_id
+    video_id = getattr(adapter, "video_token_id", None)
+    if video_id is not None:
+        mask = mask | (input_ids == video_id)
+    return int(mask.sum())
 
 
 def validate_grid(methods: Sequence[str] | None, budgets: Sequence[float]) -> tuple[list[str], list[float]]:
@@ -378,8 +402,7 @@ def run_bench(
             census.remove()
         work = census.work
         reference = runner.measure(ref)
-        image_mask = runner.inputs["input_ids"][0] == adapter_for(model).image_token_id
-        ref.visual_tokens = int(image_mask.sum())
+        ref.visual_tokens = visual_placeholders(model, runner.inputs["input_ids"][0])
         ref.prompt_tokens = ref.tokens_into_llm = runner.prompt_len
         ref.kv_tokens_per_layer = [runner.prompt_len] * n_layers
         ref.mean_retention = 1.0
@@ -394,6 +417,7 @@ def run_bench(
         bar.update(advance=1)
 
         # --- the grid ---------------------------------------------------------------------------------
+        ref_counted = False
         for method, budget in cells:
             bar.update(description=f"{method} @ {budget:g}")
             rec = BenchRecord(method=method, budget=budget, fidelity_meaningful=not random_weights)
@@ -423,6 +447,9 @@ def run_bench(
                     rec.cosine = cosine(reference["hidden"], got["hidden"])
                 rec.kl = next_token_kl(reference["logits"], got["logits"])
                 rec.token_agreement = token_agreement(reference["tokens"], got["tokens"])
+                if not ref_counted and rec.visual_tokens is not None and stats is not None:
+                    # prunable visual tokens (newline/CLS tokens excluded), as the runtime counts them
+                    ref.visual_tokens, ref_counted = rec.visual_tokens, True
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as exc:  # noqa: BLE001 - recorded, and the rest of the grid goes on
@@ -440,9 +467,6 @@ def run_bench(
         runner.close()
         bar.update(description="done")
         bar.__exit__(None, None, None)
-    done = [r for r in records[1:] if r.error is None and r.visual_tokens is not None]
-    if done:  # prunable visual tokens (newline/CLS tokens excluded), as the runtime counts them
-        records[0].visual_tokens = done[0].visual_tokens
     for r in records:
         for key in ("cosine", "kl"):
             value = getattr(r, key)

@@ -66,8 +66,15 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=_positive_int, metavar="PX",
                    help="without --images: side of the procedural pictures (default: the vision tower's "
                         "input size; 448 for Qwen-VL)")
-    p.add_argument("--prompt", default="Describe the image in detail.", metavar="TEXT", type=_prompt_text,
-                   help="the text prompt")
+    p.add_argument("--video-frames", type=_positive_int, metavar="F",
+                   help="put one procedural video of F frames in the prompt instead of the picture (with --images "
+                        "or --num-images given explicitly: in addition to them, images first); video families only")
+    p.add_argument("--video-size", type=_positive_int, metavar="PX",
+                   help="with --video-frames: side of the procedural video's square frames before the family's "
+                        "video preprocessing (default: the vision tower's input size; 448 for Qwen-VL)")
+    p.add_argument("--prompt", default=None, metavar="TEXT", type=_prompt_text,
+                   help="the text prompt (default: 'Describe the image in detail.', or '... the video ...' with "
+                        "--video-frames)")
     p.add_argument("--new-tokens", type=_positive_int, default=8, metavar="N",
                    help="tokens generated for end-to-end latency and token agreement (default: 8)")
     p.add_argument("--repeats", type=_positive_int, default=3, metavar="R", help="timed runs per cell (default: 3)")
@@ -86,6 +93,43 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 def _has_weights(path: Path) -> bool:
     return any(any(path.glob(pattern)) for pattern in _WEIGHT_FILES)
+
+
+def _model_type_before_loading(args: argparse.Namespace) -> tuple[str, str] | None:
+    """(model type, name) of --model read from its config alone (nothing heavy is loaded), or None when it
+    cannot be told yet (a hub id not in the cache: the download's own checks then speak first)."""
+    from vflowopt.bench.realmodels import REAL_MODELS, real_config_dict
+    from vflowopt.checkpoint import CheckpointError, read_config
+
+    if args.model is None:
+        return "llava_onevision", TINY_MODEL_NAME
+    if args.model in REAL_MODELS:
+        return str(real_config_dict(args.model)["model_type"]), args.model
+    path = Path(args.model).expanduser()
+    if not path.is_dir():
+        if not _is_hub_id(args.model):
+            return None
+        try:  # the hub id's config.json alone (the same file the snapshot download fetches first)
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(args.model, "config.json", revision=args.revision)).parent
+        except Exception:  # noqa: BLE001 - let _model_folder report the hub failure in its own words
+            return None
+    try:
+        return str(read_config(path)["model_type"]), args.model
+    except (CheckpointError, KeyError):
+        return None
+
+
+def _check_video_family(args: argparse.Namespace) -> None:
+    """--video-frames on a family that takes no videos: one line, before any weights are read or built."""
+    from vflowopt.bench.video import video_refusal
+
+    known = _model_type_before_loading(args)
+    if known is not None:
+        reason = video_refusal(*known)
+        if reason:
+            raise CLIError(reason)
 
 
 def _bench_model(args: argparse.Namespace, dtype):
@@ -116,6 +160,7 @@ def _bench_model(args: argparse.Namespace, dtype):
                        f"{HUB_EXAMPLE}, or one of {', '.join(REAL_MODELS)}; no hub downloads are attempted for "
                        "anything else)")
     path = _model_folder(args)
+    args._folder = path  # the video settings are read from it too (a hub id: its snapshot)
     _check_family(path, args.model)
     if _has_weights(path):
         model, processor = _load_model(path, args, args.model)
@@ -199,6 +244,42 @@ def _bench_images(args: argparse.Namespace, model) -> tuple[list, dict]:
     return images, {"images": f"{count} procedural picture(s) of {side}x{side} px"}
 
 
+def _bench_video(args: argparse.Namespace, model, processor) -> tuple[list, dict, object]:
+    """The procedural video (frames), its description, and the frame processor it goes through (None: the
+    processor's own transformers video processor)."""
+    from vflowopt.bench.video import frame_processor_for, video_refusal
+    from vflowopt.video_inputs import example_video
+
+    reason = video_refusal(model.config.model_type, args.model or TINY_MODEL_NAME)
+    if reason:  # a model type the config check could not see before loading
+        raise CLIError(reason)
+    vc = model.config.vision_config
+    qwen = str(getattr(vc, "model_type", "")).startswith("qwen") or model.config.model_type.startswith("qwen")
+    side = args.video_size or (448 if qwen else int(vc.image_size))
+    frames = example_video(seed=0, frames=args.video_frames, size=(side, side))
+    folder = None
+    if args.model is not None and Path(args.model).expanduser().is_dir():
+        folder = Path(args.model).expanduser()
+    elif getattr(args, "_folder", None) is not None:
+        folder = args._folder
+    try:
+        frame_processor = frame_processor_for(processor, model.config, folder)
+    except Exception as exc:  # noqa: BLE001 - an unreadable video_preprocessor_config.json
+        raise CLIError(f"could not set up the video preprocessing of {args.model}: {_one_line(exc)}") from None
+    return frames, {"video": f"1 procedural video of {args.video_frames} frame(s) of {side}x{side} px"}, frame_processor
+
+
+def _check_video_flags(args: argparse.Namespace) -> None:
+    """The video flags that conflict with each other or with the picture flags: one line, exit 2."""
+    if args.video_frames is None:
+        if args.video_size is not None:
+            raise CLIError("--video-size shapes the procedural video; add --video-frames F to put one in the prompt")
+        return
+    if args.image_size is not None and not args.num_images:
+        raise CLIError("--image-size shapes procedural pictures, which --video-frames replaces; add --num-images K "
+                       "to put pictures beside the video, or drop --image-size")
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -216,6 +297,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         for f in args.images:
             if not Path(f).is_file():
                 raise CLIError(f"image file not found: {f}")
+    _check_video_flags(args)
+    if args.prompt is None:
+        args.prompt = "Describe the video in detail." if args.video_frames else "Describe the image in detail."
     outputs = [Path(x).expanduser().resolve() for x in (args.json, args.csv, args.plot) if x]
     if len(set(outputs)) < len(outputs):
         raise CLIError("--json, --csv and --plot must name different files")
@@ -226,8 +310,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from vflowopt.bench.report import RANDOM_WEIGHTS_NOTE, bench_meta, plot_bench, print_table, write_csv, write_json
     from vflowopt.bench.run import run_bench
     from vflowopt.tiny import build_inputs
+    from vflowopt.video_inputs import build_video_inputs
 
     _check_model_options(args)
+    if args.video_frames:
+        _check_video_family(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.dtype is None:
@@ -239,24 +326,41 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         vflowopt.models.base.adapter_for(model)
     except vflowopt.ConfigError as exc:
         raise CLIError(str(exc)) from None
-    images, inputs_info = _bench_images(args, model)
-    try:
-        inputs = build_inputs(processor, images, [args.prompt])
-    except Exception as exc:  # noqa: BLE001 - a processor that cannot format this prompt
-        raise CLIError(f"the processor could not prepare the prompt and images: {_one_line(exc)}") from None
+    if args.video_frames:
+        images, inputs_info = _bench_images(args, model) if (args.images or args.num_images) else ([], {})
+        video, video_info, frame_processor = _bench_video(args, model, processor)
+        inputs_info.update(video_info)
+        videos_kwargs = {"do_sample_frames": False} if model.config.model_type == "qwen3_vl" else {}
+        try:  # every frame is kept (Qwen3-VL would otherwise sample 2 per second of the assumed 24 fps)
+            inputs = build_video_inputs(processor, [video], args.prompt, images=[images] if images else None,
+                                        video_processor=frame_processor,
+                                        **({"videos_kwargs": videos_kwargs} if videos_kwargs else {}))
+        except Exception as exc:  # noqa: BLE001 - a processor that cannot format this prompt
+            raise CLIError(f"the processor could not prepare the prompt and video: {_one_line(exc)}") from None
+    else:
+        images, inputs_info = _bench_images(args, model)
+        try:
+            inputs = build_inputs(processor, images, [args.prompt])
+        except Exception as exc:  # noqa: BLE001 - a processor that cannot format this prompt
+            raise CLIError(f"the processor could not prepare the prompt and images: {_one_line(exc)}") from None
     _image_tokens_note(images, inputs, model)
-    if "pixel_values" in inputs and torch.is_floating_point(inputs["pixel_values"]):
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    image_id = vflowopt.models.base.adapter_for(model).image_token_id
-    inputs_info.update(prompt=args.prompt, prompt_tokens=int(inputs["input_ids"].shape[1]),
-                       image_tokens=int((inputs["input_ids"] == image_id).sum()))
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in inputs and torch.is_tensor(inputs[key]) and torch.is_floating_point(inputs[key]):
+            inputs[key] = inputs[key].to(model.dtype)
+    adapter = vflowopt.models.base.adapter_for(model)
+    ids = inputs["input_ids"]
+    video_id = adapter.video_token_id
+    inputs_info.update(prompt=args.prompt, prompt_tokens=int(ids.shape[1]),
+                       image_tokens=int((ids == adapter.image_token_id).sum()),
+                       video_tokens=int((ids == video_id).sum()) if video_id is not None else 0)
     meta = bench_meta(model, model_name=model_name, device=args.device, random_weights=random_weights,
                       new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup, inputs_info=inputs_info)
     if random_weights:
         console.print(f"{RANDOM_WEIGHTS_NOTE} ({model_name}); timings, FLOPs and memory are valid.",
                       style="bold yellow", markup=False, highlight=False)
+    video_part = f", {inputs_info['video_tokens']} video tokens" if args.video_frames else ""
     console.print(f"{model_name}: {inputs_info['prompt_tokens']} prompt tokens, {inputs_info['image_tokens']} image "
-                  f"tokens; {len(methods)} method(s) x {len(budgets)} budget(s) + unpruned reference",
+                  f"tokens{video_part}; {len(methods)} method(s) x {len(budgets)} budget(s) + unpruned reference",
                   markup=False, highlight=False)
 
     records: list = []
