@@ -149,7 +149,7 @@ def _render(handle, image, inputs: Mapping | None, video, panel_size: float, max
     kept, maps = _panels_data(handle, inputs)
     images = [im.convert("RGB") for im in _as_images(image)]
     tokens = kept.layout.tokens
-    is_video = tokens.video[0]
+    is_video = _video_mask(tokens)
     image_ids = tokens.image[0][~is_video].unique().tolist()
     if len(image_ids) != len(images):
         raise ConfigError(f"the prompt had {len(image_ids)} image(s); got {len(images)} picture(s) to draw on")
@@ -202,7 +202,7 @@ def _draw_images(axes, kept, maps: dict, images: list, image_ids: list, rows: li
     for r, (img_id, grid) in enumerate(rows):
         picture = images[image_ids.index(img_id)]
         sel = ((tokens.image[0] == img_id) & (tokens.grid[0] == grid) & tokens.prunable[0]
-               & ~tokens.video[0]).nonzero().squeeze(-1)
+               & ~_video_mask(tokens)).nonzero().squeeze(-1)
         cells = _cells(tokens, sel, picture.size)
         for c, (kind, name) in enumerate(columns):
             ax = axes[r][c]
@@ -258,10 +258,16 @@ def _as_videos(video) -> list[list]:
     return out
 
 
+def _video_mask(tokens) -> torch.Tensor:
+    """(Nv,) bool: the sample's video tokens (none for a layout made before `VisualTokens` knew videos)."""
+    video = getattr(tokens, "video", None)
+    return video[0] if video is not None else torch.zeros_like(tokens.prunable[0], dtype=torch.bool)
+
+
 def _video_runs(tokens) -> list[torch.Tensor]:
     """The token indices of each video of the sample, in prompt order. Videos are told apart by their unit
     (`image`) or, with `video_scope="frame"` (a unit per frame), by the frame number starting again."""
-    idx = tokens.video[0].nonzero().squeeze(-1)
+    idx = _video_mask(tokens).nonzero().squeeze(-1)
     if idx.numel() == 0:
         return []
     order = idx[torch.argsort(tokens.seq_index[0][idx], stable=True)]
