@@ -1,7 +1,8 @@
 """Running the tiny models in vLLM (in-process engine) and in transformers, with the same strategy.
 
-Also runnable as a script, `python tests/vllm/engine.py MODEL_DIR FAMILY N_CASES OUT.json`: a stock vLLM run
-(no VFLOWOPT_VLLM_CONFIG) in its own process, the reference for "budget 1.0 equals stock vLLM".
+Also runnable as a script, `python tests/vllm/engine.py MODEL_DIR FAMILY N_CASES OUT.json`: a vLLM run in its
+own process that loads the plugin through its entry point only, with or without VFLOWOPT_VLLM_CONFIG in the
+environment (without: stock vLLM, the reference for "budget 1.0 equals stock vLLM").
 """
 
 from __future__ import annotations
@@ -77,7 +78,6 @@ def case_image(i: int):
 if __name__ == "__main__":
     model_dir, family, n_cases, out_path = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    os.environ.pop("VFLOWOPT_VLLM_CONFIG", None)
     import harness
 
     _, proc = harness.build(family)

@@ -47,6 +47,8 @@ CASES = [
     ("vflowopt", 0.5, {}, (120, 80)),
 ]
 IDENTITY_CASES = 2
+#: Qwen2.5-VL runs every case; the other families one case per method (the CI leg's time limit)
+SHORT = {0, 4, 5, 7}
 
 
 def _case_id(case) -> str:
@@ -60,21 +62,48 @@ def family_setup(tmp_path_factory, request):
     family = request.param
     model, proc = harness.build(family)
     model_dir = harness.save(model, proc, tmp_path_factory.mktemp(family))
-    # stock vLLM (no plugin plan) in its own process, started first so it overlaps nothing of ours
+    # stock vLLM (no plugin plan) in its own process, running while this process starts its own engine
     stock_out = model_dir / "stock.json"
     env = {k: v for k, v in os.environ.items() if k != "VFLOWOPT_VLLM_CONFIG"}
     env.update(engine.ENGINE_ENV)
     stock = subprocess.Popen([sys.executable, str(HERE / "engine.py"), str(model_dir), family, str(IDENTITY_CASES),
                               str(stock_out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    stock_err = stock.communicate(timeout=600)[1]
-    assert stock.returncode == 0, stock_err.decode()[-3000:]
+
+    def stock_results():
+        err = stock.communicate(timeout=600)[1]
+        assert stock.returncode == 0, err.decode()[-3000:]
+        return json.loads(stock_out.read_text())
+
+    # Qwen2.5-VL: also a run configured the way a server is, only through VFLOWOPT_VLLM_CONFIG (entry point)
+    served = None
+    if family == "qwen2_5_vl":
+        strategy = model_dir / "strategy.json"
+        config_for("random", budget=0.5).save(strategy)
+        served_out = model_dir / "served.json"
+        served = subprocess.Popen([sys.executable, str(HERE / "engine.py"), str(model_dir), family, "1",
+                                   str(served_out)], env={**env, "VFLOWOPT_VLLM_CONFIG": str(strategy)},
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def served_results():
+        err = served.communicate(timeout=600)[1]
+        assert served.returncode == 0, err.decode()[-3000:]
+        return json.loads(served_out.read_text())
+
     # the in-process engine starts with a pruning plan: the runner then recomputes M-RoPE positions
     plugin.set_plan(ServingPlan(config_for("random", budget=0.5)))
     plugin.register()
     llm = engine.make_llm(str(model_dir))
-    yield {"family": family, "model": model, "proc": proc, "llm": llm,
-           "stock": json.loads(stock_out.read_text())}
+    yield {"family": family, "model": model, "proc": proc, "llm": llm, "stock": stock_results,
+           "served": served_results}
     plugin.set_plan(None)
+    for proc_ in (stock, served):
+        if proc_ is not None and proc_.poll() is None:
+            proc_.kill()
+            proc_.communicate()
+    del llm
+    import gc
+
+    gc.collect()
 
 
 def _image(size, i):
@@ -93,6 +122,8 @@ FAMILIES = ["qwen2_5_vl", "qwen3_vl", "qwen2_vl"]
 def test_plugin_equals_the_transformers_path(family_setup, case):
     method, budget, extra, size = case
     s = family_setup
+    if s["family"] != "qwen2_5_vl" and CASES.index(case) not in SHORT:
+        pytest.skip("run on Qwen2.5-VL only (one case per method on the other families)")
     plan = ServingPlan(config_for(method, budget=budget, **extra))
     plugin.set_plan(plan)
     image = _image(size, CASES.index(case) + IDENTITY_CASES)
@@ -118,9 +149,42 @@ def test_budget_one_equals_stock_vllm(family_setup):
     for i in range(IDENTITY_CASES):
         image = engine.case_image(i)
         got = engine.vllm_generate(s["llm"], prompt, image)
-        assert got == s["stock"][i]  # tokens, logprobs and prompt length, exactly
+        assert got == s["stock"]()[i]  # tokens, logprobs and prompt length, exactly
         hf = engine.hf_generate(s["model"], s["proc"], prompt, image)
         assert got["tokens"] == hf["tokens"] and got["prompt_len"] == hf["prompt_len"]
+
+
+@pytest.mark.parametrize("family_setup", ["qwen2_5_vl"], indirect=True)
+def test_the_environment_variable_alone_configures_a_server(family_setup):
+    """A separate process, plugin loaded by vLLM through the entry point, strategy only from the variable."""
+    s = family_setup
+    image = engine.case_image(0)
+    prompt = harness.prompt(s["proc"])
+    hf = engine.hf_generate(s["model"], s["proc"], prompt, image, ServingPlan(config_for("random", budget=0.5)).config)
+    got = s["served"]()[0]
+    assert got["prompt_len"] == hf["tokens_into_llm"] < hf["prompt_len"]
+    assert got["tokens"] == hf["tokens"]
+    assert max(abs(a - b) for a, b in zip(got["logprobs"], hf["logprobs"])) <= LOGPROB_TOL
+
+
+@pytest.mark.parametrize("family_setup", FAMILIES, indirect=True)
+def test_concurrent_requests_are_pruned_image_by_image(family_setup):
+    """Requests batched together share one vision pass: each image is still selected on its own, as alone."""
+    from vllm import SamplingParams
+
+    s = family_setup
+    plan = ServingPlan(config_for("vflowopt", budget=0.25))
+    plugin.set_plan(plan)
+    prompt = harness.prompt(s["proc"])
+    sizes = [(80, 120), (120, 80), (56, 56)]
+    images = [engine.case_image(50 + i).resize(size) for i, size in enumerate(sizes)]
+    params = SamplingParams(max_tokens=engine.MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    outs = s["llm"].generate([{"prompt": prompt, "multi_modal_data": {"image": im}} for im in images], params,
+                             use_tqdm=False)
+    for image, out in zip(images, outs):
+        hf = engine.hf_generate(s["model"], s["proc"], prompt, image, plan.config)
+        assert len(out.prompt_token_ids) == hf["tokens_into_llm"]
+        assert list(out.outputs[0].token_ids) == hf["tokens"]
 
 
 @pytest.mark.parametrize("family_setup", FAMILIES, indirect=True)
