@@ -209,11 +209,32 @@ def test_cli_show_video_from_a_frame_directory_and_an_animated_gif(tmp_path, cap
     example_image(seed=1).save(image)
     out = tmp_path / "gif.png"
     assert main(["show", "--model", str(video_model_dir), "--video", str(gif), "--image", str(image),
-                 "--prompt", "What moves?", "--out", str(out)]) == 0
+                 "--frames", "3", "--prompt", "What moves?", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "8 of 12 frames" in printed and "base grid" in printed and "video 0, before LLM" in printed
+    assert "3 of 12 frames (source frames 0, 6, 11" in printed
+    assert "base grid" in printed and "video 0, before LLM" in printed
     with Image.open(out) as im:
         assert im.format == "PNG"
+
+
+def test_cli_show_video_settings_that_do_not_fit_the_model_are_one_line(tmp_path, capsys, video_model_dir):
+    """Without video_preprocessor_config.json the family's default frame size (384 px) is used; the tiny
+    tower takes 56 px: the model fails, and says so in one line (exit 1)."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(video_model_dir, folder)
+    (folder / "video_preprocessor_config.json").unlink()
+    gif = tmp_path / "clip.gif"
+    frames = example_video(frames=2, size=SIZE)
+    frames[0].save(gif, save_all=True, append_images=frames[1:])
+    out = tmp_path / "kept.png"
+    code = main(["show", "--model", str(folder), "--video", str(gif), "--prompt", "x", "--out", str(out)])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after the loading bar: the model loaded, then failed
+    assert code == 1 and last.startswith("vflowopt: error: the model could not run this prompt")
+    assert "video_preprocessor_config.json" in last and "Traceback" not in err
+    assert not out.exists()
 
 
 def _bad_inputs(d):

@@ -326,6 +326,11 @@ def _cmd_show(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from None
     except vflowopt.PruningError as exc:
         raise CLIError(str(exc), code=1) from None
+    except (RuntimeError, ValueError) as exc:  # the model failed on these inputs (e.g. video settings that do
+        # not fit its vision tower): one line, like every other failure of the command
+        hint = ("; the frame size comes from the model's video_preprocessor_config.json (without one: the family's "
+                "default), check that it fits the vision tower") if frames is not None else ""
+        raise CLIError(f"the model could not run this prompt: {_one_line(exc)}{hint}", code=1) from None
     finally:
         handle.remove()
     print(f"{model_name}: {handle.config.method} ({source})")
