@@ -285,7 +285,7 @@ def _prepare_video(args: argparse.Namespace, cfg) -> tuple[Any, list, Any, Any, 
     if family == "qwen3_vl":  # its real default samples 2 frames a second: the frames were sampled here already
         kwargs["videos_kwargs"] = {"do_sample_frames": False}
     try:
-        inputs = build_video_inputs(processor, [frames], [args.prompt], images=[[image]] if image else None,
+        inputs = build_video_inputs(processor, [frames], [args.prompt], images=[[image]] if image is not None else None,
                                     **kwargs).to(args.device)
     except Exception as exc:  # noqa: BLE001 - a processor that cannot format this prompt
         raise CLIError(f"the processor could not prepare the prompt and video: {_one_line(exc)}") from None
