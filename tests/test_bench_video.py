@@ -144,9 +144,11 @@ def test_cli_video_records_count_video_tokens(capsys, tmp_path):
 def test_cli_video_beside_pictures(capsys, tmp_path):
     out = tmp_path / "v.json"
     code = main(["bench", "--video-frames", "2", "--num-images", "2", "--methods", "random", "--budgets", "0.5",
-                 "--repeats", "1", "--warmup", "0", "--new-tokens", "1", "--json", str(out)])
+                 "--repeats", "1", "--warmup", "1", "--new-tokens", "0", "--json", str(out)])
     assert code == 0, capsys.readouterr().err
     doc = json.loads(out.read_text())
+    for r in doc["records"]:  # --new-tokens 0: prefills only
+        assert r["prefill_ms"] > 0 and r["e2e_ms"] is None and r["token_agreement"] is None and r["new_tokens"] == 0
     info = doc["meta"]["inputs"]
     assert info["image_tokens"] > 0 and info["video_tokens"] == 2 * 4 + 1
     assert doc["records"][1]["visual_tokens"] > 8 and doc["records"][1]["flops_ratio"] < 1

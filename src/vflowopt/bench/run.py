@@ -309,9 +309,13 @@ class _Runner:
         return ms, [int(t) for t in out[0, self.prompt_len:].tolist()]
 
     def measure(self, record: BenchRecord, handle=None) -> dict:
-        """Fills the timing/memory/cache fields of `record`; returns the captured outputs."""
+        """Fills the timing/memory/cache fields of `record`; returns the captured outputs. With
+        ``new_tokens == 0`` only prefills run (warm-up included): no e2e time, no token agreement."""
         for _ in range(self.warmup):
-            self.generate()
+            if self.new_tokens:
+                self.generate()
+            else:
+                self.prefill(capture=False)
         prefill_runs, e2e_runs, pruning = [], [], []
         captured: dict[str, Any] = {}
         with PeakMemory(self.device) as peak:
@@ -329,6 +333,8 @@ class _Runner:
                     if handle is not None:
                         captured["stats"] = dataclasses.replace(handle.stats)
                 del out
+                if not self.new_tokens:
+                    continue
                 ms, tokens = self.generate()
                 e2e_runs.append(ms)
                 if r == 0:
@@ -338,10 +344,11 @@ class _Runner:
         record.prefill_ms_runs = [round(x, 3) for x in prefill_runs]
         record.prefill_ms = statistics.median(prefill_runs)
         record.prefill_ms_min, record.prefill_ms_max = min(prefill_runs), max(prefill_runs)
-        record.e2e_ms_runs = [round(x, 3) for x in e2e_runs]
-        record.e2e_ms = statistics.median(e2e_runs)
-        record.e2e_ms_min, record.e2e_ms_max = min(e2e_runs), max(e2e_runs)
-        record.new_tokens = len(captured["tokens"])
+        if e2e_runs:
+            record.e2e_ms_runs = [round(x, 3) for x in e2e_runs]
+            record.e2e_ms = statistics.median(e2e_runs)
+            record.e2e_ms_min, record.e2e_ms_max = min(e2e_runs), max(e2e_runs)
+        record.new_tokens = len(captured.get("tokens", ()))
         record.pruning_overhead_ms = statistics.median(pruning) if pruning else 0.0
         return captured
 
@@ -370,9 +377,9 @@ def run_bench(
     a cell are recorded in its `error` field instead.
     """
     methods, budgets = validate_grid(methods, budgets)
-    for name, value in (("new_tokens", new_tokens), ("repeats", repeats)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
+    for name, value, least in (("new_tokens", new_tokens, 0), ("repeats", repeats, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ConfigError(f"{name} must be a whole number >= {least}, got {value!r}")
     if not isinstance(warmup, int) or warmup < 0:
         raise ConfigError(f"warmup must be a whole number >= 0, got {warmup!r}")
     if "input_ids" not in inputs:
@@ -409,8 +416,10 @@ def run_bench(
         ref.pruning_overhead_ms = 0.0
         f = prefill_flops(config, work, ref.kv_tokens_per_layer)
         ref.prefill_flops, ref.vision_flops, ref.llm_flops, ref.scoring_flops = f["total"], f["vision"], f["llm"], 0
-        ref.flops_ratio = ref.prefill_speedup = ref.e2e_speedup = 1.0
-        ref.cosine, ref.kl, ref.token_agreement = 1.0, 0.0, 1.0
+        ref.flops_ratio = ref.prefill_speedup = 1.0
+        ref.e2e_speedup = 1.0 if ref.e2e_ms is not None else None
+        ref.cosine, ref.kl = 1.0, 0.0
+        ref.token_agreement = 1.0 if "tokens" in reference else None
         records.append(ref)
         if on_record is not None:
             on_record(ref)
@@ -442,11 +451,13 @@ def run_bench(
                 rec.llm_flops, rec.scoring_flops = f["llm"], f["scoring"]
                 rec.flops_ratio = rec.prefill_flops / ref.prefill_flops
                 rec.prefill_speedup = ref.prefill_ms / rec.prefill_ms
-                rec.e2e_speedup = ref.e2e_ms / rec.e2e_ms
+                if rec.e2e_ms is not None:
+                    rec.e2e_speedup = ref.e2e_ms / rec.e2e_ms
                 if reference.get("hidden") is not None and got.get("hidden") is not None:
                     rec.cosine = cosine(reference["hidden"], got["hidden"])
                 rec.kl = next_token_kl(reference["logits"], got["logits"])
-                rec.token_agreement = token_agreement(reference["tokens"], got["tokens"])
+                if "tokens" in got:
+                    rec.token_agreement = token_agreement(reference["tokens"], got["tokens"])
                 if not ref_counted and rec.visual_tokens is not None and stats is not None:
                     # prunable visual tokens (newline/CLS tokens excluded), as the runtime counts them
                     ref.visual_tokens, ref_counted = rec.visual_tokens, True

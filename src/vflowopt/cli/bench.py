@@ -35,6 +35,17 @@ BENCH_BUDGETS = "1.0,0.5,0.25,0.1"
 _WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth")
 
 
+def _count(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     from ..bench.realmodels import REAL_MODELS
 
@@ -75,8 +86,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", default=None, metavar="TEXT", type=_prompt_text,
                    help="the text prompt (default: 'Describe the image in detail.', or '... the video ...' with "
                         "--video-frames)")
-    p.add_argument("--new-tokens", type=_positive_int, default=8, metavar="N",
-                   help="tokens generated for end-to-end latency and token agreement (default: 8)")
+    p.add_argument("--new-tokens", type=_count, default=8, metavar="N",
+                   help="tokens generated for end-to-end latency and token agreement (default: 8; 0: prefills "
+                        "only, no e2e latency or token agreement, half the time per cell)")
     p.add_argument("--repeats", type=_positive_int, default=3, metavar="R", help="timed runs per cell (default: 3)")
     p.add_argument("--warmup", type=int, default=1, metavar="W", help="untimed runs per cell first (default: 1)")
     add_model_arguments(p, dtype_default=None, dtype_help="fp32 on cpu, bf16 on cuda")
