@@ -128,7 +128,7 @@ def test_unsupported_family_names_the_supported_ones():
 
     model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=2, num_key_value_heads=2, vocab_size=50))
-    supported = "llava, llava_next, llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl"
+    supported = "llava, llava_next, llava_next_video, llava_onevision, qwen2_vl, qwen2_5_vl, qwen3_vl, video_llava"
     with pytest.raises(vflowopt.ConfigError, match=f"supported families: {supported}"):
         vflowopt.prune(model, vflowopt.VFlowOptConfig(budget=0.5))
     assert all_hooks(model) == 0
@@ -166,7 +166,7 @@ def test_error_during_a_forward_leaves_the_model_usable(make_model):
         with torch.no_grad():
             feats = model.model.get_image_features(pixel_values=inputs["pixel_values"],
                                                    image_sizes=inputs["image_sizes"]).pooler_output
-            h._engine._n_crops = None  # features computed but then fed as precomputed outputs
+            h._engine._passes = []  # features computed, then fed as precomputed outputs (no vision pass seen)
             kwargs = {k: v for k, v in inputs.items() if k != "pixel_values"}
             from transformers.modeling_outputs import BaseModelOutputWithPooling
 

@@ -145,7 +145,7 @@ def test_remove_restores_the_model_exactly(make_model, family):
     with torch.no_grad():
         ref = model(**inputs).logits
     h = vflowopt.prune(model, vflowopt.VFlowOptConfig(budget=0.2))
-    assert ("get_image_features" in vars(model.model)) == (family == "llava_onevision")
+    assert "get_image_features" in vars(model.model)  # the wrapper that marks image passes
     generate(model, inputs, 2)
     h.remove()
     h.remove()  # idempotent

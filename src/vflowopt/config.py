@@ -26,6 +26,7 @@ __all__ = ["ConfigError", "PruneConfig", "available_methods", "config_for", "loa
            "method_entry"]
 
 SCHEMA_VERSION = 1
+VIDEO_SCOPES = ("video", "frame")
 
 
 @dataclasses.dataclass
@@ -45,6 +46,9 @@ class PruneConfig(abc.ABC):
     # Recorded by `save()` when a config was resolved against a model, checked on `prune()`.
     model_family: str | None = None
     num_layers: int | None = None
+    # Videos: "video" = the whole video competes for its share of the budget (every method's default),
+    # "frame" = each frame (Qwen-VL: each temporal group of 2 frames) keeps its own share.
+    video_scope: str = "video"
 
     def __post_init__(self) -> None:
         # An invalid config cannot exist: types first (so a JSON "no" is not a truthy bool), then ranges.
@@ -55,6 +59,8 @@ class PruneConfig(abc.ABC):
         """Checks that do not need a model; run at construction, so every field is already type-checked."""
         if self.budget is not None:
             check_fraction("budget", self.budget, allow_zero=False)
+        if self.video_scope not in VIDEO_SCOPES:
+            raise ConfigError(f"video_scope must be one of {list(VIDEO_SCOPES)}, got {self.video_scope!r}")
 
     @abc.abstractmethod
     def resolve(self, adapter: Any) -> PruneConfig:

@@ -167,6 +167,15 @@ class PruningMethod:
         (B, n, D) replace the hidden states of the `replaced` ones (merged tokens, e.g. SparseVLM)."""
         return torch.ones_like(current, dtype=torch.bool)
 
+    def vision_pass_state(self) -> object:
+        """Methods that prune inside the vision encoder: what `before_llm` needs of the vision pass that just
+        ended (ToMe: the tokens' sizes). A prompt with images and videos has two passes (the method is reset
+        at the start of each); the runtime hands both states back through `join_vision_passes`."""
+        return None
+
+    def join_vision_passes(self, states: list) -> None:
+        """Restore the vision-pass state of this prompt's passes, in order (images, then videos), as one."""
+
     def diagnostics(self) -> dict:
         """What this prefill's signals looked like, for `handle.stats.method_info` (read right after
         `before_llm`); empty by default."""

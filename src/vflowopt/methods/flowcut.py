@@ -36,7 +36,9 @@ from ..registry import register_method
 from ..spaces import Candidate, Dim, SearchSpace
 from .base import PrefillContext, PruningMethod, VisionState, topk_per_group
 
-TWO_PHASE_FAMILIES = ("llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# families whose LLM tokens do not map 1:1 onto ViT tokens (anyres unpadding, pooled video frames, merge groups):
+# the vision-encoder phase cannot land on an exact count, the LLM phase fits it
+TWO_PHASE_FAMILIES = ("llava_next", "llava_next_video", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 DEFAULT_LLM_LAYER = 2
 
 

@@ -112,7 +112,8 @@ class PoolMethod(PruningMethod):
         features = ctx.features.clone()
         for b, _, idx in image_groups(ctx):
             n_keep = keep_count(idx.numel(), self.config.budget)
-            grids = tokens.grid[b, idx]
+            # one 2-D grid per (token grid, frame): a video is pooled frame by frame
+            grids = tokens.grid[b, idx] * (int(tokens.frame[b].max()) + 1) + tokens.frame[b, idx]
             ids = grids.unique().tolist()
             sizes = [int((grids == g).sum()) for g in ids]
             for g, k in zip(ids, apportion(sizes, n_keep)):

@@ -42,8 +42,9 @@ from ..registry import register_method
 from ..spaces import Candidate, Dim, SearchSpace
 from .base import PrefillContext, PruningMethod, Selection, VisionMerge, VisionState, image_counts, merged_rows
 
-# anyres families: unpadding drops ViT tokens on their way to the LLM (each image is fitted before the LLM)
-ANYRES_FAMILIES = ("llava_next", "llava_onevision")
+# anyres families (unpadding drops ViT tokens on their way to the LLM) and pooled video frames: each image or
+# video is fitted to its exact share before the LLM
+ANYRES_FAMILIES = ("llava_next", "llava_next_video", "llava_onevision")
 # attention implementations that add a float attention mask to the logits (proportional attention)
 MASKED_ATTENTION = ("eager", "sdpa")
 
@@ -218,6 +219,21 @@ class ToMeMethod(PruningMethod):
 
     def on_vision_qkv(self, layer, query, key, value, state: VisionState) -> None:
         self._keys = key.detach().float().mean(1)  # (n_crops or 1, n, d)
+
+    def vision_pass_state(self) -> torch.Tensor | None:
+        return self._size
+
+    def join_vision_passes(self, states: list) -> None:
+        sizes = [s for s in states if s is not None]
+        if len(sizes) != len(states) or not sizes:
+            self._size = None
+        elif len(sizes) == 1:
+            self._size = sizes[0]
+        elif len({tuple(s.shape[1:]) for s in sizes}) > 1:
+            raise PruningError("tome: the image and video passes ran different ViT sequence lengths; prune images "
+                               "and videos in separate prompts")
+        else:
+            self._size = torch.cat(sizes, 0)
 
     def _target(self, units: int, step: int) -> int:
         """Tokens (or merge groups) of a crop of `units` left after merging step `step`."""

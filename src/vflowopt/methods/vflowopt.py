@@ -61,9 +61,15 @@ class VFlowOptConfig(PruneConfig):
     positions: str = "keep"
     image_mean: tuple[float, float, float] | None = None
     image_std: tuple[float, float, float] | None = None
+    # Videos: frames per recycling cell (1: a × a cells within each frame; n: a × a × n spatio-temporal
+    # cells; 0: one a × a column through all the video's frames).
+    cell_frames: int = 1
 
     def validate(self) -> None:
         super().validate()
+        if self.cell_frames < 0:
+            raise ConfigError(f"cell_frames must be >= 0 (0 = all frames of a video in one cell), "
+                              f"got {self.cell_frames}")
         if self.budget is None and (self.retention is None or len(self.retention) != 3 or None in self.retention):
             raise ConfigError("VFlowOptConfig needs a budget in (0, 1], or a full retention=(R1, R2, R3)")
         if self.retention is not None:
@@ -303,7 +309,7 @@ class VFlowOptMethod(PruningMethod):
                 n_keep = keep_count(idx.numel(), r1)
                 if self.config.recycle:
                     cells = grid_cells(tokens.grid[b, idx], tokens.row[b, idx], tokens.col[b, idx],
-                                       self.config.grid_size)
+                                       self.config.grid_size, tokens.frame[b, idx], self.config.cell_frames)
                     rec = select_with_recycling(importance[b, idx], cells, n_keep, features[b, idx])
                     keep[b, idx] = rec.keep
                     replaced[b, idx] = rec.replaced

@@ -2,4 +2,13 @@
 (`register_adapter`); this package imports them all, so `adapter_for` sees every family. `base` is the
 contract and knows no family."""
 
-from . import llava, llava_next, llava_onevision, qwen2_5_vl, qwen2_vl, qwen3_vl  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration)
+    llava,
+    llava_next,
+    llava_next_video,
+    llava_onevision,
+    qwen2_5_vl,
+    qwen2_vl,
+    qwen3_vl,
+    video_llava,
+)

@@ -7,7 +7,7 @@ and maps every visual token entering the LLM to (image, grid, row, col, pixel re
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -25,9 +25,13 @@ VitMaps = torch.Tensor | list[torch.Tensor]
 class VisualTokens:
     """All visual tokens of one forward, shape (B, Nv) each (every sample has the same Nv).
 
-    `grid` numbers the separate token grids of an image (0 = base grid, 1 = anyres crop grid);
-    `region` is (y0, x0, y1, x1) in pixels of that grid's processed canvas; newline and CLS tokens
-    have `prunable=False`: they are always kept and never counted in the budget.
+    `image` numbers the visual units of a sample, each with its own share of the budget: its images,
+    then its videos (or, with `video_scope="frame"`, each frame of a video; see `frame_units`).
+    `video` marks the tokens of videos; `frame` is a video token's frame (Qwen-VL: temporal group of
+    2 frames), 0 for images. `grid` numbers the separate token grids of an image (0 = base grid,
+    1 = anyres crop grid); `region` is (y0, x0, y1, x1) in pixels of that grid's processed canvas (of
+    the frame, for videos); newline and CLS tokens have `prunable=False`: they are always kept and
+    never counted in the budget.
     """
 
     seq_index: torch.Tensor
@@ -37,6 +41,14 @@ class VisualTokens:
     col: torch.Tensor
     region: torch.Tensor
     prunable: torch.Tensor
+    video: torch.Tensor | None = None
+    frame: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.video is None:
+            self.video = torch.zeros_like(self.prunable, dtype=torch.bool)
+        if self.frame is None:
+            self.frame = torch.zeros_like(self.image)
 
     @property
     def batch_size(self) -> int:
@@ -98,6 +110,18 @@ class ModelAdapter:
     @property
     def vision_layers(self) -> Sequence[nn.Module]:
         return self.vision_tower.encoder.layers
+
+    @property
+    def vision_towers(self) -> list[nn.Module]:
+        """Every vision tower the model runs (Video-LLaVA: one for images, one for videos); the runtime
+        hooks them all the same way (`vision_layers_of`, `vision_attention_of`)."""
+        return [self.vision_tower]
+
+    def vision_layers_of(self, tower: nn.Module) -> Sequence[nn.Module]:
+        return self.vision_layers
+
+    def vision_attention_of(self, tower: nn.Module, layer: int) -> nn.Module:
+        return self.vision_attention(layer)
 
     def vision_attention(self, layer: int) -> nn.Module:
         return self.vision_layers[layer].self_attn
@@ -201,6 +225,37 @@ class ModelAdapter:
         `forward_kwargs` are the base model's forward kwargs (image_sizes, ...)."""
         raise NotImplementedError
 
+    # -- video ----------------------------------------------------------------------------------
+    #: Arguments of get_video_features that the video layout needs (generate() drops them from the forward).
+    video_kwargs: tuple[str, ...] = ()
+
+    @property
+    def video_token_id(self) -> int | None:
+        """The video placeholder id, or None for families without video input."""
+        for name in ("video_token_id", "video_token_index"):
+            value = getattr(self.config, name, None)
+            if value is not None:
+                return int(value)
+        return None
+
+    def video_unsupported(self) -> str | None:
+        """Why this family's video tokens cannot be pruned, or None when they can (`video_layout`)."""
+        return f"vflowopt has no video token layout for the {self.family} family"
+
+    def video_layout(self, video_mask: torch.Tensor, forward_kwargs: dict, n_frames: int) -> TokenLayout:
+        """The video tokens of a prefill: `video_mask` (B, L) marks video placeholders, `n_frames` is the
+        number of rows (frames) the vision tower saw in the video pass (flat towers: videos). Maps given
+        to `pack` are ViT-level maps of the video pass, one row per frame (flat: one vector per video)."""
+        raise NotImplementedError(self.video_unsupported())
+
+    def vision_pass_state(self) -> object:
+        """What the adapter recorded about the current vision pass (Qwen: its grid_thw), so that the runtime
+        can hand a method the signals of several passes (images, then videos) as one."""
+        return None
+
+    def restore_vision_passes(self, states: list) -> None:
+        """Make the adapter describe the given vision passes, in order, as one (see `vision_pass_state`)."""
+
 
 _ADAPTERS: list[type[ModelAdapter]] = []
 
@@ -266,6 +321,45 @@ def tokens_from_flat(image_mask: torch.Tensor, *, image: torch.Tensor, row: torc
         region=split_batch(region, image_mask),
         prunable=split_batch(prunable, image_mask) if prunable is not None else everything,
     )
+
+
+def frame_units(tokens: VisualTokens) -> VisualTokens:
+    """The same tokens with every frame of a video as a unit of its own (`video_scope="frame"`): each
+    frame then keeps its share of the budget, instead of the whole video competing for the video's."""
+    key = tokens.image * 1_000_003 + torch.where(tokens.video, tokens.frame + 1, torch.zeros_like(tokens.frame))
+    units = torch.stack([torch.unique(row, return_inverse=True)[1] for row in key]) if key.numel() else key
+    return replace(tokens, image=units)
+
+
+def merge_layouts(image: TokenLayout, video: TokenLayout, image_units: int, image_vit_tokens: int = 0) -> TokenLayout:
+    """One layout of a prompt with images and videos: the tokens of both in prompt order, the videos'
+    units numbered after the sample's images. `pack` takes the ViT-level maps of the image pass followed by
+    those of the video pass (`image_units` rows or vectors, or for a flat map `image_vit_tokens` values)."""
+    ti, tv = image.tokens, video.tokens
+    offset = ti.image.amax(1, keepdim=True) + 1 if ti.count else torch.zeros_like(tv.image[:, :1])
+    joined = {f: torch.cat([getattr(ti, f), getattr(tv, f)], 1) for f in ti.__dataclass_fields__}
+    joined["image"] = torch.cat([ti.image, tv.image + offset], 1)
+    order = torch.argsort(joined["seq_index"], dim=1, stable=True)
+
+    def reorder(x: torch.Tensor) -> torch.Tensor:
+        index = order if x.dim() == 2 else order.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        return torch.gather(x, 1, index.to(x.device))
+
+    tokens = VisualTokens(**{f: reorder(v) for f, v in joined.items()})
+
+    def pack(vit_map: VitMaps) -> torch.Tensor:
+        if isinstance(vit_map, list):
+            first, second = vit_map[:image_units], vit_map[image_units:]
+        elif image_vit_tokens:  # a flat tower's map, one value per ViT token in running order
+            flat = vit_map.reshape(-1)
+            first, second = flat[:image_vit_tokens], flat[image_vit_tokens:]
+        else:
+            first, second = vit_map[:image_units], vit_map[image_units:]
+        a = image.pack(first)
+        both = torch.cat([a, video.pack(second).to(a.device)], 1)
+        return torch.gather(both, 1, order.to(both.device))
+
+    return TokenLayout(tokens=tokens, pack=pack)
 
 
 def split_batch(flat: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:

@@ -2,15 +2,21 @@
 
 Maps are packed with the model's own `pack_image_features`, so they go through exactly the same
 reshaping, unpadding and bilinear resizing as the features and align 1:1 with the visual tokens.
+
+Videos: every frame is one crop through the vision tower; the model pools each frame's grid 2×2
+(bilinear, `apply_pooling`) and appends one newline per video. Video maps go through the same
+`apply_pooling`, so they align 1:1 with the video tokens too.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from transformers.models.llava_onevision import modeling_llava_onevision as ov
 
 from ..errors import PruningError
-from .base import ModelAdapter, TokenLayout, register_adapter, split_batch, tokens_from_flat
+from .base import FeatureCountMismatch, ModelAdapter, TokenLayout, register_adapter, split_batch, tokens_from_flat
 
 
 @register_adapter
@@ -111,6 +117,55 @@ class LlavaOnevisionAdapter(ModelAdapter):
         def pack(vit_map: torch.Tensor) -> torch.Tensor:
             packed_map = pack_channels(vit_map.float().unsqueeze(-1))
             return split_batch(torch.cat(packed_map)[:, 0], image_mask)
+
+        return TokenLayout(tokens=tokens, pack=pack)
+
+    # -- video ------------------------------------------------------------------------------------
+    def video_unsupported(self) -> str | None:
+        return None
+
+    def video_layout(self, video_mask: torch.Tensor, forward_kwargs: dict, n_frames: int) -> TokenLayout:
+        vcfg = self.config.vision_config
+        side = vcfg.image_size // vcfg.patch_size
+        pooled = math.ceil(side / 2)
+        per_frame = pooled * pooled
+        total = int(video_mask.sum())
+        n_videos = total - n_frames * per_frame  # each video: its frames' pooled tokens + one newline
+        if n_frames <= 0 or n_videos <= 0 or n_frames % n_videos:
+            raise FeatureCountMismatch(
+                f"the video pass saw {n_frames} frames, which do not match the {total} video placeholders "
+                f"({per_frame} tokens per frame plus one newline per video)"
+            )
+        frames = n_frames // n_videos
+        dev = video_mask.device
+        cell = vcfg.image_size / pooled  # pixels of a frame behind one pooled token
+        r = torch.arange(pooled, device=dev).repeat_interleave(pooled)
+        c = torch.arange(pooled, device=dev).repeat(pooled)
+        box = torch.stack([r * cell, c * cell, (r + 1) * cell, (c + 1) * cell], -1).float()
+        one = {
+            "row": torch.cat([r.repeat(frames), torch.full((1,), -1, device=dev)]),
+            "col": torch.cat([c.repeat(frames), torch.full((1,), pooled, device=dev)]),
+            "region": torch.cat([box.repeat(frames, 1), torch.zeros(1, 4, device=dev)]),
+            "frame": torch.cat([torch.arange(frames, device=dev).repeat_interleave(per_frame),
+                                torch.full((1,), frames - 1, device=dev)]),
+            "prunable": torch.cat([torch.ones(frames * per_frame, dtype=torch.bool, device=dev),
+                                   torch.zeros(1, dtype=torch.bool, device=dev)]),
+        }
+        n = frames * per_frame + 1
+        image = torch.arange(n_videos, device=dev).repeat_interleave(n)
+        tokens = tokens_from_flat(video_mask, image=image, row=one["row"].repeat(n_videos),
+                                  col=one["col"].repeat(n_videos), region=one["region"].repeat(n_videos, 1),
+                                  prunable=one["prunable"].repeat(n_videos))
+        tokens.video = torch.ones_like(tokens.prunable)
+        tokens.frame = split_batch(one["frame"].repeat(n_videos), video_mask)
+
+        def pack(vit_map: torch.Tensor) -> torch.Tensor:
+            if vit_map.shape[0] != n_frames:
+                raise FeatureCountMismatch(f"a video map of {vit_map.shape[0]} frames for {n_frames} frames")
+            pooled_map = self.base.apply_pooling(vit_map.float().reshape(n_frames, side * side, 1))[..., 0]
+            per_video = pooled_map.reshape(n_videos, frames * per_frame)
+            newline = torch.full((n_videos, 1), float("nan"), device=per_video.device)
+            return split_batch(torch.cat([per_video, newline], 1).reshape(-1), video_mask)
 
         return TokenLayout(tokens=tokens, pack=pack)
 

@@ -14,8 +14,10 @@ is the pooled attention, so the ranking equals "attention mass of the region + �
 Positions: the runtime keeps the kept tokens' columns of the full M-RoPE positions that the model
 computes on the unpruned prompt (get_rope_index; it needs `mm_token_type_ids`), and continues decoding
 at the full-sequence positions (generate() passes them; a manual decode loop gets them from the runtime).
-Video inputs are not pruned (video tokens are ordinary tokens to the runtime); prompts mixing images
-and videos are not supported while pruning, since the video pass would overwrite the image signals.
+Videos: the same layout over `video_grid_thw` (t temporal groups of 2 frames, each an h×w patch grid
+merged 2×2); a video token's `frame` is its temporal group. Qwen3-VL's timestamp text between the frames
+is ordinary text (never pruned). A prompt with images and videos has two vision passes; the runtime
+joins their signals (images first) and this adapter describes both passes' grids as one.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class QwenVLAdapter(ModelAdapter):
     """What Qwen2-VL, Qwen2.5-VL and Qwen3-VL share."""
 
     image_kwargs = ("image_grid_thw",)
+    video_kwargs = ("video_grid_thw",)
 
     def __init__(self, model):
         super().__init__(model)
@@ -113,6 +116,14 @@ class QwenVLAdapter(ModelAdapter):
     def on_vision_input(self, args: tuple, kwargs: dict) -> None:
         self._grid_thw = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
 
+    def vision_pass_state(self) -> torch.Tensor | None:
+        return self._grid_thw
+
+    def restore_vision_passes(self, states: list) -> None:
+        grids = [g for g in states if g is not None]
+        if grids:
+            self._grid_thw = torch.cat([g.to(grids[0].device) for g in grids]) if len(grids) > 1 else grids[0]
+
     def _image_lengths(self) -> list[int]:
         if self._grid_thw is None:
             raise ConfigError("the Qwen vision tower ran without grid_thw; pass the processor's image_grid_thw")
@@ -149,23 +160,40 @@ class QwenVLAdapter(ModelAdapter):
         grid = forward_kwargs.get("image_grid_thw")
         if grid is None:
             raise ConfigError("Qwen-VL pruning needs `image_grid_thw` (as the processor returns it)")
+        return self._grid_layout(image_mask, grid, video=False)
+
+    def video_unsupported(self) -> str | None:
+        return None
+
+    def video_layout(self, video_mask: torch.Tensor, forward_kwargs: dict, n_frames: int) -> TokenLayout:
+        grid = forward_kwargs.get("video_grid_thw")
+        if grid is None:
+            raise ConfigError("Qwen-VL video pruning needs `video_grid_thw` (as the processor returns it)")
+        return self._grid_layout(video_mask, grid, video=True)
+
+    def _grid_layout(self, mask: torch.Tensor, grid: torch.Tensor, video: bool) -> TokenLayout:
+        """Tokens of the images (or videos) of `grid` (n, 3): t groups of (h/2)×(w/2) merged tokens each."""
         merge = self.merge_size
         unit = float(self.patch_size * merge)  # pixels per merged token side
-        dev = image_mask.device
-        rows, cols, images = [], [], []
+        dev = mask.device
+        rows, cols, images, frames = [], [], [], []
         for i, (t, h, w) in enumerate(grid.tolist()):
             gh, gw = int(h) // merge, int(w) // merge
             rows.append(torch.arange(gh, device=dev).repeat_interleave(gw).repeat(int(t)))
             cols.append(torch.arange(gw, device=dev).repeat(gh * int(t)))
             images.append(torch.full((int(t) * gh * gw,), i, dtype=torch.long, device=dev))
+            frames.append(torch.arange(int(t), device=dev).repeat_interleave(gh * gw))
         row, col = torch.cat(rows), torch.cat(cols)
         region = torch.stack([row * unit, col * unit, (row + 1) * unit, (col + 1) * unit], -1).float()
-        tokens = tokens_from_flat(image_mask, image=torch.cat(images), row=row, col=col, region=region)
+        tokens = tokens_from_flat(mask, image=torch.cat(images), row=row, col=col, region=region)
+        if video:
+            tokens.video = torch.ones_like(tokens.prunable)
+            tokens.frame = split_batch(torch.cat(frames), mask)
         group = merge * merge
 
         def pack(vit_map: VitMaps) -> torch.Tensor:
             flat = torch.cat([x.reshape(-1) for x in vit_map]) if isinstance(vit_map, list) else vit_map.reshape(-1)
-            return split_batch(flat.float().view(-1, group).mean(-1), image_mask)
+            return split_batch(flat.float().view(-1, group).mean(-1), mask)
 
         return TokenLayout(tokens=tokens, pack=pack)
 

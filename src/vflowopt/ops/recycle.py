@@ -14,11 +14,17 @@ class Recycled:
     features: torch.Tensor  # (n, D): fused features where `replaced`, the input elsewhere
 
 
-def grid_cells(grid: torch.Tensor, row: torch.Tensor, col: torch.Tensor, size: float) -> torch.Tensor:
-    """Cell id of every token: (grid, floor(row/a), floor(col/a)), grids never share a cell."""
+def grid_cells(grid: torch.Tensor, row: torch.Tensor, col: torch.Tensor, size: float,
+               frame: torch.Tensor | None = None, frames_per_cell: int = 1) -> torch.Tensor:
+    """Cell id of every token: (grid, floor(row/a), floor(col/a)), grids never share a cell; with video
+    `frame`s, also floor(frame / frames_per_cell): a × a spatial cells per frame by default, a × a × n
+    spatio-temporal cells with n frames per cell (0: all frames of the video in one cell)."""
     cr = torch.floor(row.double() / size).long()
     cc = torch.floor(col.double() / size).long()
-    key = torch.stack([grid, cr, cc], -1)
+    parts = [grid, cr, cc]
+    if frame is not None and frames_per_cell > 0:
+        parts.append(torch.div(frame, frames_per_cell, rounding_mode="floor"))
+    key = torch.stack(parts, -1)
     return torch.unique(key, dim=0, return_inverse=True)[1]
 
 

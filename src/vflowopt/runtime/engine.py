@@ -21,7 +21,16 @@ from transformers import DynamicCache
 
 from ..errors import ConfigError, PruningError
 from ..methods.base import PrefillContext, PruningMethod, Selection
-from ..models.base import FeatureCountMismatch, ModelAdapter, TokenLayout, VisualTokens, image_mask_from
+from ..models.base import (
+    FeatureCountMismatch,
+    ModelAdapter,
+    TokenLayout,
+    VisualTokens,
+    VitMaps,
+    frame_units,
+    image_mask_from,
+    merge_layouts,
+)
 from ..ops.sequence import complement_keep, gather_mask, gather_seq, positions_after_drop
 from ..signals.llm_attention import tap_attention
 from ..signals.vision_keys import vision_keys
@@ -65,6 +74,22 @@ class _Run:
     pruning_s: float = 0.0
 
 
+@dataclass
+class _Pass:
+    """The signals of one vision-tower pass (the images of a forward, or its videos), kept until the
+    prefill that uses them: a prompt with images and videos has two passes, handed to the method as one."""
+
+    kind: str | None  # "image", "video", or None for a vision-tower call outside get_*_features
+    units: int  # rows the tower saw (batched towers: crops / frames), or images / videos (flat towers)
+    vit_tokens: int  # flat towers: ViT tokens of the pass (0 for batched towers)
+    adapter_state: object = None
+    vit_keep: VitMaps | None = None  # methods pruning inside the ViT: the pass's ViT-level keep map
+    method_state: object = None  # and what the method's before_llm needs of the pass (vision_pass_state)
+    pixels: torch.Tensor | None = None
+    attention: VitMaps | None = None
+    keys: VitMaps | None = None
+
+
 class PruningEngine:
     def __init__(self, model: nn.Module, adapter: ModelAdapter, method: PruningMethod, positions: str = "keep"):
         self.model = model
@@ -86,9 +111,10 @@ class PruningEngine:
                 f"positions); got pruning layers {sorted(method.llm_layers)}"
             )
         self._vision_s = 0.0
-        self._in_images = False
-        self._image_kwargs: dict = {}
-        self._unwrap = None
+        self._pass_kind: str | None = None  # set while get_image_features / get_video_features runs
+        self._media_kwargs: dict = {}
+        self._passes: list[_Pass] = []
+        self._unwraps: list = []
         self._untaps: list = []
         # the V point (dropping tokens between vision-encoder layers), for methods that declare one
         self.vision = VisionPoint(adapter, method) if method.vision_prune_layers or method.vision_tap_layers else None
@@ -103,10 +129,11 @@ class PruningEngine:
         try:
             self._hook(a.base, self._on_base_pre, pre=True)
             self._wrap_image_features()
-            self._hook(a.vision_tower, self._on_vision_pre, pre=True)
-            if self.method.vision_attention_layer is not None:
-                attn = a.vision_attention(self.method.vision_attention_layer)
-                self._hook(attn, self._on_vision_attention, pre=True)
+            for tower in a.vision_towers:
+                self._hook(tower, self._on_vision_pre, pre=True)
+                if self.method.vision_attention_layer is not None:
+                    attn = a.vision_attention_of(tower, self.method.vision_attention_layer)
+                    self._hook(attn, self._on_vision_attention, pre=True)
             self._hook(a.text_model, self._on_text_pre, pre=True)
             self._hook(a.text_model, self._on_text_post, pre=False)
             if self._first_layer is not None:
@@ -124,9 +151,10 @@ class PruningEngine:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        if self._unwrap is not None:
-            self._unwrap()
-            self._unwrap = None
+        for unwrap in self._unwraps:
+            unwrap()
+        self._unwraps.clear()
+        self._passes = []
         for untap in self._untaps:
             untap()
         self._untaps.clear()
@@ -136,15 +164,16 @@ class PruningEngine:
         self.method.reset()
 
     def _wrap_image_features(self) -> None:
-        """generate() encodes images before prefill and then drops `image_sizes` & co from the
-        forward; an instance-level wrapper (signature kept, as generate() inspects it) records them."""
+        """generate() encodes images and videos before prefill and then drops `image_sizes` & co from the
+        forward; instance-level wrappers (signature kept, as generate() inspects it) record them and tell
+        the vision-tower hooks which kind of pass runs."""
         base = self.adapter.base
-        names = self.adapter.image_kwargs
-        if not (names or self.vision is not None) or not hasattr(base, "get_image_features"):
-            return
-        wrapper = _ImageFeaturesWrapper(self, base, names)
-        base.get_image_features = wrapper
-        self._unwrap = wrapper.unwrap
+        for kind, names in (("image", self.adapter.image_kwargs), ("video", self.adapter.video_kwargs)):
+            attr = f"get_{kind}_features"
+            if hasattr(base, attr):
+                wrapper = _FeaturesWrapper(self, base, attr, kind, names)
+                setattr(base, attr, wrapper)
+                self._unwraps.append(wrapper.unwrap)
 
     def _hook(self, module: nn.Module, fn, pre: bool) -> None:
         if pre:
@@ -155,12 +184,18 @@ class PruningEngine:
     # -- signals from the vision side -------------------------------------------------------------
     def _on_base_pre(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        mask = image_mask_from(module, input_ids, kwargs.get("inputs_embeds"), self.adapter.image_token_id)
-        captured = self._image_kwargs
-        self._fwd = {
+        embeds = kwargs.get("inputs_embeds")
+        a = self.adapter
+        images = image_mask_from(module, input_ids, embeds, a.image_token_id)
+        videos = image_mask_from(module, input_ids, embeds, a.video_token_id) if a.video_token_id is not None else None
+        if videos is not None and not bool(videos.any()):
+            videos = None
+        mask = images if videos is None else (videos if images is None else images | videos)
+        self._fwd = {  # what get_*_features recorded fills the gaps at prefill (_layout)
             "image_mask": mask,
-            "kwargs": {k: kwargs.get(k) if kwargs.get(k) is not None else captured.get(k)
-                       for k in self.adapter.image_kwargs},
+            "images": images,
+            "videos": videos,
+            "kwargs": {k: kwargs.get(k) for k in (*a.image_kwargs, *a.video_kwargs)},
         }
         return self._decode_positions(input_ids, args, kwargs)
 
@@ -184,22 +219,67 @@ class PruningEngine:
 
     def _on_vision_pre(self, module, args, kwargs):
         pixel_values = kwargs.get("pixel_values", args[0] if args else None)
-        self.method.reset()
-        self._vision_s = 0.0
-        self._n_crops = int(pixel_values.shape[0])
-        self.adapter.on_vision_input(args, kwargs)
+        kind = self._pass_kind
+        if kind is None or any(p.kind == kind for p in self._passes):
+            self._passes = []  # the passes of a new forward (or a direct call of the tower)
+            self._vision_s = 0.0
+        a = self.adapter
+        self._end_vision_pass()
+        a.on_vision_input(args, kwargs)
+        units = len(a.vit_image_lengths()) if a.vit_flat else int(pixel_values.shape[0])
+        vpass = _Pass(kind=kind, units=units, vit_tokens=int(pixel_values.shape[0]) if a.vit_flat else 0,
+                      adapter_state=a.vision_pass_state())
+        self._passes.append(vpass)
+        self._n_crops = units
         if self.vision is not None:
-            self.vision.start(images=self._in_images)
+            self.method.reset()  # a method pruning inside the ViT keeps per-pass state (one pass per prompt)
+            self.vision.start(images=kind is not None)
         if self.method.needs_pixels:
-            t0 = time.perf_counter()
-            self.method.on_pixels(pixel_values)
-            self._vision_s += time.perf_counter() - t0
+            vpass.pixels = pixel_values
+
+    def _end_vision_pass(self) -> None:
+        """A method pruning inside the ViT: keep what the last pass left (read while the adapter still
+        describes that pass) before the method is reset for the next one."""
+        if self.vision is None or not self._passes or self._passes[-1].vit_keep is not None:
+            return
+        last = self._passes[-1]
+        last.vit_keep = self.vision.pass_keep_map()
+        last.method_state = self.method.vision_pass_state()
 
     def _on_vision_attention(self, module, args, kwargs):
+        if not self._passes:
+            return
         t0 = time.perf_counter()
+        vpass = self._passes[-1]
         if self.method.needs_vision_keys:
-            self.method.on_vision_keys(vision_keys(self.adapter, module, args, kwargs))
-        self.method.on_vision_attention(self.adapter.vision_attention_probs(module, args, kwargs))
+            vpass.keys = vision_keys(self.adapter, module, args, kwargs)
+        vpass.attention = self.adapter.vision_attention_probs(module, args, kwargs)
+        self._vision_s += time.perf_counter() - t0
+
+    def _passes_for(self, images: bool, videos: bool) -> list[_Pass]:
+        """The last image pass and the last video pass, as the prompt needs them (images first)."""
+        out = []
+        for kind, needed in (("image", images), ("video", videos)):
+            if needed:
+                found = [p for p in self._passes if p.kind == kind] or [p for p in self._passes if p.kind is None]
+                out.append(found[-1] if found else None)
+        return out
+
+    def _deliver_signals(self, passes: list[_Pass]) -> None:
+        """Hand the method the vision-side signals of this prompt's passes, joined in layout order."""
+        m = self.method
+        t0 = time.perf_counter()
+        if self.vision is None:
+            m.reset()
+        else:
+            m.join_vision_passes([p.method_state for p in passes])
+        self.adapter.restore_vision_passes([p.adapter_state for p in passes])
+        if m.needs_pixels:
+            m.on_pixels(_join([p.pixels for p in passes]))
+        if m.vision_attention_layer is not None:
+            if m.needs_vision_keys:
+                m.on_vision_keys(_join([p.keys for p in passes]))
+            m.on_vision_attention(_join([p.attention for p in passes]))
         self._vision_s += time.perf_counter() - t0
 
     # -- the V point: dropping tokens between vision-encoder layers ------------------------------
@@ -209,7 +289,9 @@ class PruningEngine:
         past = cache_from_kwargs(kwargs)
         past_len = past.get_seq_length() if past is not None else 0
         image_mask = fwd["image_mask"] if fwd else None
-        if image_mask is not None and bool(image_mask.any()):
+        # a decode step whose new token happens to be a placeholder id encodes nothing: not a prefill
+        fresh = past_len == 0 or bool(self._passes)
+        if image_mask is not None and bool(image_mask.any()) and fresh:
             if self._first_layer is not None and past is not None and not isinstance(past, DynamicCache):
                 raise PruningError(
                     f"pruning inside the LLM needs the default dynamic KV cache, got {type(past).__name__} "
@@ -221,7 +303,7 @@ class PruningEngine:
                     "vflowopt cannot prune image tokens appended to a non-empty KV cache; start "
                     "generation from the full prompt (or call handle.remove() for this call)"
                 )
-            return args, self._prefill(kwargs, image_mask, fwd["kwargs"])
+            return args, self._prefill(kwargs, image_mask, fwd)
         if past_len == 0:  # a fresh prompt without images: nothing to prune
             self._plan = None
             self._n_crops = None
@@ -239,11 +321,19 @@ class PruningEngine:
             return None  # a cache this engine did not prune
         return args, self._decode(kwargs, plan, past_len)
 
-    def _prefill(self, kwargs: dict, image_mask: torch.Tensor, fwd_kwargs: dict):
+    def _prefill(self, kwargs: dict, image_mask: torch.Tensor, fwd: dict):
         """The pre-LLM point: select, then remove the dropped tokens from everything the LLM reads."""
+        images, videos = fwd["images"], fwd["videos"]
+        has_images = images is not None and bool(images.any())
+        has_videos = videos is not None
+        self._end_vision_pass()
+        passes = self._passes_for(has_images, has_videos)
+        self._passes = []
+        self._check_signals_present(passes, has_images, has_videos)
         t0 = time.perf_counter()
-        self._check_signals_present()
-        ctx = self._context(kwargs, image_mask, fwd_kwargs)
+        if all(p is not None for p in passes):
+            self._deliver_signals(passes)
+        ctx = self._context(kwargs, image_mask, fwd, passes)
         sel, keep_vis = self._select_before_llm(ctx)
         self._replace_merged(kwargs, ctx, sel, keep_vis)
         embeds = kwargs["inputs_embeds"]
@@ -260,30 +350,38 @@ class PruningEngine:
         self._n_crops = None
         return kwargs
 
-    def _check_signals_present(self) -> None:
+    def _check_signals_present(self, passes: list, has_images: bool, has_videos: bool) -> None:
         """The vision-side signals a method declared can only come from the vision tower's own pass."""
-        if self._n_crops is None and self.method.vision_attention_layer is not None:
+        m = self.method
+        if has_videos and (reason := self.adapter.video_unsupported()) is not None:
+            raise PruningError(f"this prompt has video tokens, which cannot be pruned here: {reason}; run it "
+                               "without pruning (handle.remove()) or give frames as images")
+        missing = any(p is None for p in passes)
+        if missing and m.vision_attention_layer is not None:
             raise PruningError(
                 "this method scores tokens in the vision encoder, but the image features of this "
                 "forward were not computed by the model's vision tower while pruning was attached; "
                 "pass pixel_values (not precomputed features)"
             )
-        if self.method.vision_prune_layers and (self.vision is None or not self.vision.has_state):
+        if m.vision_prune_layers and (missing or any(p.vit_keep is None for p in passes)):
             raise PruningError(
                 "this method prunes inside the vision encoder, but the image features of this forward were "
                 "not computed by the model's vision tower (through get_image_features) while pruning was "
                 "attached; pass pixel_values (not precomputed features)"
             )
 
-    def _context(self, kwargs: dict, image_mask: torch.Tensor, fwd_kwargs: dict) -> PrefillContext:
+    def _context(self, kwargs: dict, image_mask: torch.Tensor, fwd: dict, passes: list) -> PrefillContext:
         """The layout of the visual tokens and what the method may read about this prefill."""
         embeds = kwargs["inputs_embeds"]
-        layout = self._layout(image_mask, fwd_kwargs)
+        layout = self._layout(fwd, passes)
+        if getattr(self.method.config, "video_scope", "video") == "frame" and bool(layout.tokens.video.any()):
+            layout = TokenLayout(tokens=frame_units(layout.tokens), pack=layout.pack)
         mask2d = kwargs.get("attention_mask")
         mask2d = mask2d if isinstance(mask2d, torch.Tensor) and mask2d.dim() == 2 else None
         ctx = PrefillContext(layout=layout, features=gather_seq(embeds, layout.tokens.seq_index, 1),
                              image_mask=image_mask, embeds=embeds, attention_mask=mask2d)
-        ctx.vision_kept = self.vision.finish(layout) if self.vision is not None else None
+        if self.vision is not None:
+            ctx.vision_kept = self.vision.finish_passes([p.vit_keep if p else None for p in passes], layout)
         return ctx
 
     def _select_before_llm(self, ctx: PrefillContext) -> tuple[Selection, torch.Tensor]:
@@ -370,19 +468,37 @@ class PruningEngine:
             stages=vision_stage + [("before LLM", plan.stages[0].visual)],
         )
 
-    def _layout(self, image_mask: torch.Tensor, fwd_kwargs: dict) -> TokenLayout:
-        """The adapter's layout; also when generate() expanded the batch after encoding the images
-        (beam search, num_return_sequences: each sample repeated k times in a row)."""
-        crops = self._n_crops or 0
+    def _layout(self, fwd: dict, passes: list) -> TokenLayout:
+        """The adapter's layout of the prompt's images and videos; also when generate() expanded the batch
+        after encoding them (beam search, num_return_sequences: each sample repeated k times in a row)."""
+        images, videos = fwd["images"], fwd["videos"]
+        # generate() encodes before the forward (and drops these arguments from it), a plain forward after
+        # the base pre-hook: either way the wrappers' last record is this prompt's
+        fwd_kwargs = {k: v if v is not None else self._media_kwargs.get(k) for k, v in fwd["kwargs"].items()}
+        units = [p.units if p is not None else (self._n_crops or 0) for p in passes]
+        a = self.adapter
+
+        def build(step: int) -> TokenLayout:
+            img = images[::step] if images is not None and bool(images.any()) else None
+            vid = videos[::step] if videos is not None else None
+            if vid is None:
+                return a.layout(img, fwd_kwargs, units[0])
+            if img is None:
+                return a.video_layout(vid, fwd_kwargs, units[-1])
+            first = passes[0]
+            return merge_layouts(a.layout(img, fwd_kwargs, units[0]), a.video_layout(vid, fwd_kwargs, units[1]),
+                                 image_units=units[0], image_vit_tokens=first.vit_tokens if first else 0)
+
         try:
-            return self.adapter.layout(image_mask, fwd_kwargs, crops)
+            return build(1)
         except FeatureCountMismatch:
-            b = image_mask.shape[0]
+            mask = fwd["image_mask"]
+            b = mask.shape[0]
             for k in range(2, b + 1):
-                if b % k or not bool((image_mask.view(b // k, k, -1) == image_mask[::k, None]).all()):
+                if b % k or not bool((mask.view(b // k, k, -1) == mask[::k, None]).all()):
                     continue
                 try:
-                    layout = self.adapter.layout(image_mask[::k], fwd_kwargs, crops)
+                    layout = build(k)
                 except FeatureCountMismatch:
                     continue
                 t = layout.tokens
@@ -542,37 +658,61 @@ class PruningEngine:
         return args, kwargs
 
 
-class _ImageFeaturesWrapper:
-    """Stands in for `base.get_image_features` on this instance while pruning is attached.
+class _FeaturesWrapper:
+    """Stands in for `base.get_image_features` / `base.get_video_features` on this instance while pruning
+    is attached: it records the arguments the layout needs and marks the vision pass's kind.
 
     An object rather than a closure so that `copy.deepcopy(model)` copies it with the model: the copy's
     wrapper calls the copy's own method and reports to the copy's engine."""
 
-    def __init__(self, engine: PruningEngine, base: nn.Module, names: tuple[str, ...]):
+    def __init__(self, engine: PruningEngine, base: nn.Module, attr: str, kind: str, names: tuple[str, ...]):
         self.engine = engine
         self.base = base
+        self.attr = attr
+        self.kind = kind
         self.names = names
-        self.had_own = "get_image_features" in vars(base)
-        self.original = base.get_image_features
+        self.had_own = attr in vars(base)
+        self.original = getattr(base, attr)
         self.signature = inspect.signature(self.original)
         self.__wrapped__ = self.original  # inspect.signature (used by generate()) sees the original's
         functools.update_wrapper(self, self.original, updated=())
 
     def __call__(self, *args, **kwargs):
         engine = self.engine
-        bound = self.signature.bind_partial(*args, **kwargs)
-        engine._image_kwargs = {k: bound.arguments.get(k) for k in self.names}
-        engine._in_images = True  # the V point prunes image passes only (not video passes)
+        if engine._pass_kind is not None:  # called from the other kind's method (Qwen3-VL videos): theirs
+            return self.original(*args, **kwargs)
+        bound = self.signature.bind_partial(*args, **kwargs).arguments
+        for name in self.names:  # "<argument>_shape" records only that tensor's shape
+            value = bound.get(name.removesuffix("_shape"))
+            engine._media_kwargs[name] = tuple(value.shape) if name.endswith("_shape") and value is not None else (
+                value if not name.endswith("_shape") else None)
+        engine._pass_kind = self.kind
         try:
             return self.original(*args, **kwargs)
         finally:
-            engine._in_images = False
+            engine._pass_kind = None
 
     def unwrap(self) -> None:
         if self.had_own:
-            self.base.get_image_features = self.original
+            setattr(self.base, self.attr, self.original)
         else:
-            self.base.__dict__.pop("get_image_features", None)
+            self.base.__dict__.pop(self.attr, None)
+
+
+def _join(parts: list) -> VitMaps | None:
+    """The ViT-level signals of several passes as one: rows of batched towers stacked, per-image vectors
+    (flat towers) listed, in pass order."""
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    if any(isinstance(p, list) for p in parts):
+        return [row for p in parts for row in (p if isinstance(p, list) else list(p))]
+    if len({tuple(p.shape[1:]) for p in parts}) > 1:
+        raise PruningError(f"the image and video passes of this prompt gave signals of different shapes "
+                           f"{[tuple(p.shape) for p in parts]}; prune images and videos in separate prompts")
+    return torch.cat(parts, 0)
 
 
 def _kept_record(ctx: PrefillContext, sel: Selection, keep_vis: torch.Tensor) -> KeptTokens | None:

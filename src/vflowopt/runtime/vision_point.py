@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import ConfigError, PruningError
 from ..methods.base import PruningMethod, VisionMerge, VisionState, merged_rows
-from ..models.base import ModelAdapter, TokenLayout
+from ..models.base import ModelAdapter, TokenLayout, VitMaps
 from ..ops.sequence import gather_seq
 from ..signals.llm_attention import tap_attention
 
@@ -61,9 +61,12 @@ class VisionPoint:
     def install(self, hook: Callable[[nn.Module, Callable, bool], None]) -> list[Callable[[], None]]:
         """Registers the V point's hooks through `hook(module, fn, pre)`; returns the attention untaps."""
         a = self.adapter
-        untaps = [tap_attention(a.vision_attention(i), self._vit_tap(i)) for i in self.method.vision_tap_layers]
-        for i, layer in enumerate(a.vision_layers):
-            hook(layer, self._vit_layer_hook(i), True)
+        untaps = []
+        for tower in a.vision_towers:
+            untaps += [tap_attention(a.vision_attention_of(tower, i), self._vit_tap(i))
+                       for i in self.method.vision_tap_layers]
+            for i, layer in enumerate(a.vision_layers_of(tower)):
+                hook(layer, self._vit_layer_hook(i), True)
         for module in a.vision_projectors():
             hook(module, self._on_projector_pre, True)
         return untaps
@@ -73,16 +76,35 @@ class VisionPoint:
         self._vit = _VitRun() if images else None
         self.seconds = 0.0
 
-    @property
-    def has_state(self) -> bool:
-        """Whether the current pass went through the hooked vision layers."""
-        return self._vit is not None and self._vit.state is not None
+    def pass_keep_map(self) -> VitMaps | None:
+        """The current pass's ViT-level keep map (1 = the token survived; image order, prefix removed),
+        all ones when nothing was dropped, None when the pass did not go through the hooked layers. Read
+        while the adapter still describes this pass (before the next pass starts)."""
+        vit = self._vit
+        if vit is None or vit.state is None:
+            return None
+        state = vit.state
+        if state.flat:
+            flat = torch.zeros(sum(state.full), device=state.ids.device)
+            flat[state.ids] = 1.0
+            return self.adapter.vit_running_maps(flat)
+        vit_map = torch.zeros(state.ids.shape[0], state.full[0], device=state.ids.device)
+        vit_map.scatter_(1, state.ids, 1.0)
+        return vit_map[:, state.prefix :]
 
-    def finish(self, layout: TokenLayout) -> torch.Tensor | None:
-        """The pass is over: the (B, Nv) keep map of the visual tokens (None if nothing was dropped)."""
-        kept = self._vision_kept(layout)
+    def finish_passes(self, maps: list, layout: TokenLayout) -> torch.Tensor | None:
+        """The (B, Nv) keep map of the visual tokens of several passes (images, then videos) from their
+        `pass_keep_map`s; None when no pass dropped anything."""
         self._vit = None
-        return kept
+        if any(m is None for m in maps) or all(_all_kept(m) for m in maps):
+            return None
+        if len(maps) == 1:
+            joined = maps[0]
+        elif any(isinstance(m, list) for m in maps):
+            joined = [row for m in maps for row in (m if isinstance(m, list) else list(m))]
+        else:
+            joined = torch.cat(maps, 0)
+        return torch.nan_to_num(layout.pack(joined), nan=1.0) >= 0.5
 
     def reset(self) -> None:
         self._vit = None
@@ -231,25 +253,11 @@ class VisionPoint:
         kwargs["hidden_states"] = out
         return args, kwargs
 
-    def _vision_kept(self, layout: TokenLayout) -> torch.Tensor | None:
-        """(B, Nv) bool: visual tokens whose ViT tokens survived the V point (a token pooled from several
-        ViT tokens, e.g. by LLaVA-OneVision's downscaling, survives when most of them did)."""
-        vit = self._vit
-        if vit is None or vit.state is None or not vit.pruned:
-            return None
-        state = vit.state
-        if state.flat:
-            flat = torch.zeros(sum(state.full), device=state.ids.device)
-            flat[state.ids] = 1.0
-            vit_map = self.adapter.vit_running_maps(flat)
-        else:
-            vit_map = torch.zeros(state.ids.shape[0], state.full[0], device=state.ids.device)
-            vit_map.scatter_(1, state.ids, 1.0)
-            vit_map = vit_map[:, state.prefix :]
-        packed = layout.pack(vit_map)
-        return torch.nan_to_num(packed, nan=1.0) >= 0.5
-
     # -- the LLM's input ----------------------------------------------------------------------------
+
+
+def _all_kept(vit_map: VitMaps) -> bool:
+    return all(bool((m >= 0.5).all()) for m in (vit_map if isinstance(vit_map, list) else [vit_map]))
 
 
 # -- merging rows (VisionMerge) -------------------------------------------------------------------------
