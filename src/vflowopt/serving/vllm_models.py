@@ -187,6 +187,9 @@ class ImagePruner:
         return out
 
 
+#: Methods that need the vision pass itself (its attention), not only the merged features.
+VISION_PASS_METHODS = ("vflowopt", "visionzip")
+
 #: Qwen3-VL: fifth position channel of the images this plugin pruned (vLLM's own items carry 0 or 1 there).
 QWEN3_IMAGE_MARK = -7
 
@@ -215,8 +218,9 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
 
     from .vllm import active_plan, check_tensor_parallel
 
-    def pruning_prompt_updates(updates):
-        """vLLM's prompt updates with each image's placeholders cut to the kept count."""
+    def pruning_prompt_updates(updates, out_mm_kwargs):
+        """vLLM's prompt updates with each image's placeholders cut to the kept count. An image given as
+        precomputed embeddings is refused here, as a request error, when the method needs the vision pass."""
         plan = active_plan()
         if plan is None or plan.is_identity:
             return updates
@@ -228,6 +232,9 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
             full_replacement = update.replacement
 
             def replacement(item_idx: int, _full=full_replacement):
+                if plan.method in VISION_PASS_METHODS and "image_embeds" in out_mm_kwargs["image"][item_idx]:
+                    raise ValueError(f"vflowopt: method '{plan.method}' scores images in the vision encoder, so it "
+                                     "cannot prune precomputed image embeddings; send the image itself")
                 tokens = _full(item_idx)
                 if not isinstance(tokens, list):
                     raise PruningError(f"vflowopt: unexpected image replacement {type(tokens).__name__} from vLLM")
@@ -317,7 +324,7 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
     class Qwen2_5Processor(q25.Qwen2_5_VLMultiModalProcessor):
         def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
             return pruning_prompt_updates(
-                list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)))
+                list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)), out_mm_kwargs)
 
     @MULTIMODAL_REGISTRY.register_processor(Qwen2_5Processor, info=q25.Qwen2_5_VLProcessingInfo,
                                             dummy_inputs=q25.Qwen2_5_VLDummyInputsBuilder)
@@ -362,7 +369,7 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
     class Qwen3Processor(q3.Qwen3VLMultiModalProcessor):
         def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
             return pruning_prompt_updates(
-                list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)))
+                list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)), out_mm_kwargs)
 
     @MULTIMODAL_REGISTRY.register_processor(Qwen3Processor, info=q3.Qwen3VLProcessingInfo,
                                             dummy_inputs=q3.Qwen3VLDummyInputsBuilder)
@@ -373,6 +380,12 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
         def __init__(self, *, vllm_config, prefix: str = ""):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
             self._vflowopt_init()
+            if (self.vflowopt_prunes_images and not self.video_pruning_rate
+                    and self.multimodal_config.get_limit_per_prompt("video") > 0):
+                # vLLM 0.32's Qwen3-VL video path ties "positions appended" to its own video pruning (EVS):
+                # refuse at start rather than fail the first video request
+                raise ConfigError("vflowopt: pruning Qwen3-VL images needs either vLLM's own video pruning "
+                                  "(--video-pruning-rate R) or no videos (--limit-mm-per-prompt '{\"video\": 0}')")
 
         def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
             if not self.vflowopt_prunes_images:
@@ -381,19 +394,12 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
             return qwen3_recompute_positions(self, input_ids, multimodal_embeddings, mrope_positions,
                                              num_computed_tokens)
 
-        def _postprocess_video_embeds_evs(self, video_embeds_split, video_input):
-            if self.vflowopt_prunes_images and not self.video_pruning_rate:
-                # vLLM 0.32's Qwen3-VL video path ties "positions appended" to its own video pruning (EVS)
-                raise PruningError("vflowopt: with image pruning on, Qwen3-VL video inputs need vLLM's own video "
-                                   "pruning (--video-pruning-rate) or no videos (--limit-mm-per-prompt video=0)")
-            return super()._postprocess_video_embeds_evs(video_embeds_split, video_input)
-
     from vllm.model_executor.models import qwen2_vl as q2
 
     class Qwen2Processor(q2.Qwen2VLMultiModalProcessor):
         def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
             return pruning_prompt_updates(
-                list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)))
+                list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)), out_mm_kwargs)
 
     @MULTIMODAL_REGISTRY.register_processor(Qwen2Processor, info=q2.Qwen2VLProcessingInfo,
                                             dummy_inputs=q2.Qwen2VLDummyInputsBuilder)
