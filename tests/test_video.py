@@ -129,6 +129,7 @@ def test_video_is_pruned_to_the_budget_with_exact_caches_and_positions(method, f
     st = run.stats
     n_video = int((inputs["input_ids"] == _video_token_id(model)).sum())
     assert 0 < st.visual_tokens <= n_video  # prunable video tokens (newline / per-frame CLS excluded)
+    assert st.video_tokens == st.visual_tokens and f"({st.video_tokens} video)" in st.summary()
     assert abs(st.mean_retention - BUDGET) <= len(st.stages) / st.visual_tokens + 1e-9, (st.stages, st.mean_retention)
     check_kv_lengths(run)
     assert run.kv[-1] < inputs["input_ids"].shape[1] + N_NEW - 1

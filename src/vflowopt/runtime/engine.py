@@ -462,7 +462,8 @@ class PruningEngine:
         vision_stage = ([("vision encoder", int((ctx.vision_kept & tokens.prunable)[0].sum()))]
                         if ctx.vision_kept is not None else [])
         return PruneStats(
-            visual_tokens=int(tokens.prunable[0].sum()), prompt_tokens=plan.prompt_len,
+            visual_tokens=int(tokens.prunable[0].sum()), video_tokens=int((tokens.prunable & tokens.video)[0].sum()),
+            prompt_tokens=plan.prompt_len,
             tokens_into_llm=plan.llm_len, batch_size=int(keep_vis.shape[0]),
             recycled_tokens=int((sel.replaced & keep_vis)[0].sum()) if sel.replaced is not None else 0,
             stages=vision_stage + [("before LLM", plan.stages[0].visual)],

@@ -30,13 +30,15 @@ class KeptTokens:
 class PruneStats:
     """Counts are per sample (every sample of a pruned batch keeps the same numbers).
 
-    visual_tokens: prunable visual tokens produced (newline/CLS tokens excluded);
+    visual_tokens: prunable visual tokens produced (newline/CLS tokens excluded), images and videos;
+    video_tokens: how many of them are video tokens;
     tokens_into_llm: sequence length entering the first LLM layer;
     visual_tokens_per_layer: prunable visual tokens present at each LLM layer (recycled ones count);
     kv_tokens_per_layer: tokens each layer attended over, i.e. its KV-cache length after prefill.
     """
 
     visual_tokens: int = 0
+    video_tokens: int = 0
     prompt_tokens: int = 0
     tokens_into_llm: int = 0
     visual_tokens_per_layer: list[int] = field(default_factory=list)
@@ -57,7 +59,8 @@ class PruneStats:
 
     def summary(self) -> str:
         stages = ", ".join(f"{name}: {n}" for name, n in self.stages)
+        video = f" ({self.video_tokens} video)" if self.video_tokens else ""
         return (
-            f"visual tokens {self.visual_tokens} -> [{stages}]; tokens into LLM "
+            f"visual tokens {self.visual_tokens}{video} -> [{stages}]; tokens into LLM "
             f"{self.tokens_into_llm}/{self.prompt_tokens}; mean retention {self.mean_retention:.3f}"
         )
