@@ -82,6 +82,7 @@ def test_video_prefill_flops_match_flop_counter(family, image, budget):
     ("llava-onevision-7b", 384, 16 * 196 + 1),
     ("qwen2.5-vl-7b", 448, 8 * 256),  # 2 frames per temporal patch, 32x32 patches merged 2x2
     ("qwen2-vl-7b", 448, 8 * 256),
+    ("qwen2.5-vl-3b", 448, 8 * 256),
     ("llava-next-video-7b", 336, 16 * 144),  # 24x24 CLIP grid, stride-2 average pooling
 ])
 def test_shipped_architectures_take_videos(name, side, video_tokens):
@@ -105,6 +106,15 @@ def test_llava_next_video_7b_config_and_images():
                                 images=[example_image(size=(336, 336))])
     assert int((inputs["input_ids"] == config.video_token_id).sum()) == 2 * 144
     assert int((inputs["input_ids"] == config.image_token_id).sum()) > 576
+
+
+def test_qwen2_5_vl_3b_is_the_3b_shape():
+    from vflowopt.bench.realmodels import _model_class
+    from vflowopt.checkpoint import config_parameters
+
+    config = load_real_config("qwen2.5-vl-3b")
+    assert config.text_config.num_hidden_layers == 36 and config.vision_config.out_hidden_size == 2048
+    assert 3.6e9 < config_parameters(_model_class(config), config) < 3.9e9  # 3.75 B (tied embeddings)
 
 
 def test_video_settings_come_from_a_model_directory(tmp_path):

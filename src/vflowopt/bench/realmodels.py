@@ -2,10 +2,10 @@
 
 ``vflowopt/assets/configs/<name>.json`` hold the architectures of LLaVA-1.5-7B, LLaVA-NeXT-7B (Vicuna),
 LLaVA-OneVision-7B (Qwen2-7B + SigLIP-so400m), LLaVA-OneVision-0.5B (Qwen2-0.5B + SigLIP-so400m; small enough
-to time on a CPU), Qwen2-VL-7B, Qwen2.5-VL-7B and LLaVA-NeXT-Video-7B, written from the public
-model configs (the ``_source`` field names which). Compute does not depend on weight values, so a
-random-weight model times like the real one; its outputs, and so any fidelity measured on it, are
-meaningless.
+to time on a CPU), Qwen2-VL-7B, Qwen2.5-VL-7B, Qwen2.5-VL-3B (fits a 24 GB CPU machine in fp32) and
+LLaVA-NeXT-Video-7B, written from the public model configs (the ``_source`` field names which). Compute does
+not depend on weight values, so a random-weight model times like the real one; its outputs, and so any
+fidelity measured on it, are meaningless.
 
 The processor is built without a hub: the package's tiny byte-level tokenizer (special tokens only, so
 prompts are short) plus the family's pure-PIL ``*ImageProcessorPil`` with the real image settings (size,
@@ -40,6 +40,7 @@ REAL_MODELS: dict[str, str] = {
     "qwen2-vl-7b": "qwen2-vl-7b.json",
     "qwen2.5-vl-7b": "qwen2.5-vl-7b.json",
     "llava-next-video-7b": "llava-next-video-7b.json",
+    "qwen2.5-vl-3b": "qwen2.5-vl-3b.json",
 }
 
 _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
