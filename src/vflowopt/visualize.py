@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
+from .models.base import join_vit_maps
 
 DROPPED_SHADE = 0.72  # opacity of the dark veil over dropped tokens
 MERGED_COLOUR = "#ff8c00"
@@ -86,23 +87,9 @@ def _vflowopt_signals(handle):
         for hook in hooks:
             hook.remove()
         del method.on_vision_attention  # the instance attribute; the class's method shows again
-        joined = _join_passes(entropies)
+        joined = join_vit_maps(entropies)
         if joined is not None:
             got["entropy"] = joined
-
-
-def _join_passes(parts: list):
-    """ViT-level maps of several vision passes as one, in pass order (images, then videos), as the layout's
-    `pack` takes them; None when there are none or their shapes cannot be joined."""
-    if not parts:
-        return None
-    if len(parts) == 1:
-        return parts[0]
-    if any(isinstance(p, list) for p in parts):
-        return [row for p in parts for row in (p if isinstance(p, list) else list(p))]
-    if len({tuple(p.shape[1:]) for p in parts}) > 1:
-        return None
-    return torch.cat(parts, 0)
 
 
 def _panels_data(handle, inputs: Mapping | None):

@@ -323,6 +323,22 @@ def tokens_from_flat(image_mask: torch.Tensor, *, image: torch.Tensor, row: torc
     )
 
 
+def join_vit_maps(parts: list) -> VitMaps | None:
+    """ViT-level maps of several vision passes as one, in pass order (images, then videos), as a merged
+    layout's `pack` takes them: rows of batched towers stacked, per-image vectors of flat towers listed.
+    None when there is nothing to join or the passes' rows have different lengths."""
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    if any(isinstance(p, list) for p in parts):
+        return [row for p in parts for row in (p if isinstance(p, list) else list(p))]
+    if len({tuple(p.shape[1:]) for p in parts}) > 1:
+        return None
+    return torch.cat(parts, 0)
+
+
 def frame_units(tokens: VisualTokens) -> VisualTokens:
     """The same tokens with every frame of a video as a unit of its own (`video_scope="frame"`): each
     frame then keeps its share of the budget, instead of the whole video competing for the video's."""

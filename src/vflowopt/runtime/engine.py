@@ -29,6 +29,7 @@ from ..models.base import (
     VitMaps,
     frame_units,
     image_mask_from,
+    join_vit_maps,
     merge_layouts,
 )
 from ..ops.sequence import complement_keep, gather_mask, gather_seq, positions_after_drop
@@ -701,19 +702,13 @@ class _FeaturesWrapper:
 
 
 def _join(parts: list) -> VitMaps | None:
-    """The ViT-level signals of several passes as one: rows of batched towers stacked, per-image vectors
-    (flat towers) listed, in pass order."""
-    parts = [p for p in parts if p is not None]
-    if not parts:
-        return None
-    if len(parts) == 1:
-        return parts[0]
-    if any(isinstance(p, list) for p in parts):
-        return [row for p in parts for row in (p if isinstance(p, list) else list(p))]
-    if len({tuple(p.shape[1:]) for p in parts}) > 1:
+    """The ViT-level signals of this prompt's passes as one (`join_vit_maps`), or a clear error."""
+    joined = join_vit_maps(parts)
+    if joined is None and any(p is not None for p in parts):
         raise PruningError(f"the image and video passes of this prompt gave signals of different shapes "
-                           f"{[tuple(p.shape) for p in parts]}; prune images and videos in separate prompts")
-    return torch.cat(parts, 0)
+                           f"{[tuple(p.shape) for p in parts if p is not None]}; prune images and videos in "
+                           "separate prompts")
+    return joined
 
 
 def _kept_record(ctx: PrefillContext, sel: Selection, keep_vis: torch.Tensor) -> KeptTokens | None:

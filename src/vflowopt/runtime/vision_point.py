@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import ConfigError, PruningError
 from ..methods.base import PruningMethod, VisionMerge, VisionState, merged_rows
-from ..models.base import ModelAdapter, TokenLayout, VitMaps
+from ..models.base import ModelAdapter, TokenLayout, VitMaps, join_vit_maps
 from ..ops.sequence import gather_seq
 from ..signals.llm_attention import tap_attention
 
@@ -98,12 +98,10 @@ class VisionPoint:
         self._vit = None
         if any(m is None for m in maps) or all(_all_kept(m) for m in maps):
             return None
-        if len(maps) == 1:
-            joined = maps[0]
-        elif any(isinstance(m, list) for m in maps):
-            joined = [row for m in maps for row in (m if isinstance(m, list) else list(m))]
-        else:
-            joined = torch.cat(maps, 0)
+        joined = join_vit_maps(maps)
+        if joined is None:
+            raise PruningError("the image and video passes of this prompt ran different ViT sequence lengths; "
+                               "prune images and videos in separate prompts")
         return torch.nan_to_num(layout.pack(joined), nan=1.0) >= 0.5
 
     def reset(self) -> None:
