@@ -136,9 +136,10 @@ def _model_type_before_loading(args: argparse.Namespace) -> tuple[str, str] | No
 def _check_video_family(args: argparse.Namespace) -> None:
     """--video-frames on a family that takes no videos: one line, before any weights are read or built."""
     from vflowopt.bench.video import video_refusal
+    from vflowopt.models.base import supported_families
 
     known = _model_type_before_loading(args)
-    if known is not None:
+    if known is not None and known[0] in supported_families():  # others: the family check speaks first
         reason = video_refusal(*known)
         if reason:
             raise CLIError(reason)
