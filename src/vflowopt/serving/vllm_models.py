@@ -126,7 +126,7 @@ class ImagePruner:
         hidden = kwargs.get("x", args[0] if args else None)
         hidden = hidden.reshape(hidden.shape[0], -1)  # vLLM: (N, 1, C)
         cos, sin = hf_rotary(kwargs["rotary_pos_emb_cos"], kwargs["rotary_pos_emb_sin"], self.view.head_dim)
-        self.adapter._grid_thw = self._grid
+        self.adapter.on_vision_input((), {"grid_thw": self._grid})  # the adapter contract: this pass's images
         call = {"hidden_states": hidden, "cu_seqlens": kwargs["cu_seqlens"], "position_embeddings": (cos, sin)}
         with torch.no_grad():
             self._maps = [m.cpu() for m in self.adapter.vision_attention_probs(self.view, (), call)]
@@ -159,7 +159,7 @@ class ImagePruner:
                 out.append((emb, keep.nonzero().squeeze(-1)))
                 self.last_kept.append(list(range(n)))
                 continue
-            self.adapter._grid_thw = grid[i : i + 1]
+            self.adapter.on_vision_input((), {"grid_thw": grid[i : i + 1]})  # this image alone
             signals: dict[str, Any] = {}
             if self.needs_pixels:
                 signals["pixel_values"] = pixels[i]
