@@ -323,6 +323,22 @@ def tokens_from_flat(image_mask: torch.Tensor, *, image: torch.Tensor, row: torc
     )
 
 
+def video_counts(video_mask: torch.Tensor, forward_kwargs: dict, n_frames: int, per_frame: int) -> tuple[int, int]:
+    """(videos, frames per video) of a prompt whose videos are stacked in `pixel_values_videos` (V, F, ...),
+    checked against the frames the tower saw and the video placeholders (`per_frame` tokens per frame)."""
+    shape = forward_kwargs.get("pixel_values_videos_shape")
+    if shape is None:
+        raise FeatureCountMismatch("the video layout needs the shape of pixel_values_videos (videos, frames, ...)")
+    n_videos, frames = int(shape[0]), int(shape[1])
+    total = int(video_mask.sum())
+    if n_videos * frames != n_frames or total != n_frames * per_frame:
+        raise FeatureCountMismatch(
+            f"{n_videos} videos of {frames} frames ({per_frame} tokens each) do not match the {total} video "
+            f"placeholders of the prompt (the tower saw {n_frames} frames)"
+        )
+    return n_videos, frames
+
+
 def join_vit_maps(parts: list) -> VitMaps | None:
     """ViT-level maps of several vision passes as one, in pass order (images, then videos), as a merged
     layout's `pack` takes them: rows of batched towers stacked, per-image vectors of flat towers listed.

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from .base import FeatureCountMismatch, TokenLayout, register_adapter, split_batch, tokens_from_flat
+from .base import FeatureCountMismatch, TokenLayout, register_adapter, split_batch, tokens_from_flat, video_counts
 from .llava_next import LlavaNextAdapter
 
 
@@ -32,21 +32,12 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
         return None
 
     def video_layout(self, video_mask: torch.Tensor, forward_kwargs: dict, n_frames: int) -> TokenLayout:
-        shape = forward_kwargs.get("pixel_values_videos_shape")
-        if shape is None:
-            raise FeatureCountMismatch("the video layout needs the shape of pixel_values_videos (videos, frames, ...)")
-        n_videos, frames = int(shape[0]), int(shape[1])
         vcfg = self.config.vision_config
         side = vcfg.image_size // vcfg.patch_size
         stride = int(self.config.spatial_pool_stride)
         pooled = side // stride
         per_frame = pooled * pooled
-        total = int(video_mask.sum())
-        if n_videos * frames != n_frames or total != n_frames * per_frame:
-            raise FeatureCountMismatch(
-                f"{n_videos} videos of {frames} frames ({per_frame} tokens each) do not match the {total} video "
-                f"placeholders of the prompt (the tower saw {n_frames} frames)"
-            )
+        n_videos, frames = video_counts(video_mask, forward_kwargs, n_frames, per_frame)
         dev = video_mask.device
         cell = float(stride * vcfg.patch_size)
         r = torch.arange(pooled, device=dev).repeat_interleave(pooled)

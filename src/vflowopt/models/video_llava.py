@@ -13,7 +13,15 @@ from __future__ import annotations
 
 import torch
 
-from .base import FeatureCountMismatch, TokenLayout, grid_tokens, register_adapter, split_batch, tokens_from_flat
+from .base import (
+    FeatureCountMismatch,
+    TokenLayout,
+    grid_tokens,
+    register_adapter,
+    split_batch,
+    tokens_from_flat,
+    video_counts,
+)
 from .llava import LlavaAdapter
 
 
@@ -41,18 +49,9 @@ class VideoLlavaAdapter(LlavaAdapter):
         return None
 
     def video_layout(self, video_mask: torch.Tensor, forward_kwargs: dict, n_frames: int) -> TokenLayout:
-        shape = forward_kwargs.get("pixel_values_videos_shape")
-        if shape is None:
-            raise FeatureCountMismatch("the video layout needs the shape of pixel_values_videos (videos, frames, ...)")
-        n_videos, frames = int(shape[0]), int(shape[1])
         side = self.config.vision_config.image_size // self.patch_size
         per_frame = side * side + 1  # the frame's CLS feature first
-        total = int(video_mask.sum())
-        if n_videos * frames != n_frames or total != n_frames * per_frame:
-            raise FeatureCountMismatch(
-                f"{n_videos} videos of {frames} frames ({per_frame} tokens each, CLS included) do not match the "
-                f"{total} video placeholders of the prompt (the tower saw {n_frames} frames)"
-            )
+        n_videos, frames = video_counts(video_mask, forward_kwargs, n_frames, per_frame)
         dev = video_mask.device
         rows, cols, region = grid_tokens(1, side, side, self.patch_size, dev)
 
