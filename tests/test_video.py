@@ -215,13 +215,30 @@ def test_qwen_video_layout_follows_video_grid_thw(family):
     assert bool(tokens.video.all()) and bool(tokens.prunable.all())
 
 
-@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_5_vl", "llava_next_video"])
-@pytest.mark.parametrize("method", ["random", "vflowopt", "divprune"])
+BATCH_CELLS = [("llava_onevision", m) for m in METHODS] + [
+    (f, m) for f in ("qwen2_5_vl", "llava_next_video", "video_llava") for m in ("random", "vflowopt", "divprune")]
+
+
+# The image matrix's known FlowCut defect (tests/test_conformance.py KNOWN_BUGS) shows on pooled video frames too:
+# a ViT token survival map pooled 2x2 keeps a content-dependent count per frame (48 and 50 here), so the batch is
+# refused. Strict: a fix makes the cell pass and the XPASS says to remove the mark.
+BATCH_KNOWN_BUGS = {("llava_onevision", "flowcut"): "FlowCut's vision-encoder stage keeps a content-dependent count "
+                    "of pooled video tokens per sample; the batch is refused with a PruningError"}
+
+
+def _batch_param(family: str, method: str):
+    reason = BATCH_KNOWN_BUGS.get((family, method))
+    marks = [pytest.mark.xfail(strict=True, raises=vflowopt.PruningError, reason=reason)] if reason else []
+    return pytest.param(family, method, marks=marks, id=f"{family}-{method}")
+
+
+@pytest.mark.parametrize("family,method", [_batch_param(f, m) for f, m in BATCH_CELLS])
 def test_batch_of_equal_videos_equals_singles(family, method):
     model, proc = _model(family)
     videos = [example_video(seed=1, frames=FRAMES), example_video(seed=2, frames=FRAMES)]
     prompts = [PROMPT, "Describe every frame of this video."]
     config = vflowopt.config_for(method, budget=BUDGET)
+    _accepted(model, config)
     with vflowopt.pruned(model, config):
         batch = build_video_inputs(proc, videos, prompts)
         with torch.no_grad():
