@@ -217,3 +217,31 @@ def test_a_strategy_for_another_family_is_refused(family_setup):
 def test_vflowopt_serves_only_its_pre_llm_stage():
     served = ServingPlan(vflowopt.VFlowOptConfig(budget=0.2, retention=(0.4, 0.5))).config
     assert served.retention == (0.2, 1.0, 1.0)
+
+
+def test_an_uncovered_model_is_served_unpruned_with_one_warning(tmp_path, caplog, monkeypatch):
+    """A model class the plugin does not prune (here a text-only Qwen2) loads and generates as usual."""
+    import transformers
+    from vllm import SamplingParams
+
+    for key, value in engine.ENGINE_ENV.items():
+        monkeypatch.setenv(key, value)
+
+    tok = harness._tokenizer()
+    text = {k: v for k, v in harness._text(tok).items() if k != "rope_parameters"}
+    model = harness._instantiate(transformers.Qwen2ForCausalLM, transformers.Qwen2Config(**text), 0)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    plugin.set_plan(ServingPlan(config_for("vflowopt", budget=0.25)))
+    plugin.register()
+    try:
+        with caplog.at_level("WARNING", logger="vflowopt.serving"):
+            from vllm import LLM
+
+            llm = LLM(model=str(tmp_path), enforce_eager=True, max_model_len=256, dtype="float32", seed=0)
+            out = llm.generate("hello world", SamplingParams(max_tokens=4, temperature=0.0), use_tqdm=False)
+    finally:
+        plugin.set_plan(None)
+    assert len(out[0].outputs[0].token_ids) == 4
+    warnings = [r.getMessage() for r in caplog.records if "Qwen2ForCausalLM" in r.getMessage()]
+    assert len(warnings) == 1 and "serving it unpruned" in warnings[0]
