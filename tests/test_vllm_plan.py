@@ -1,5 +1,5 @@
 """The vLLM plugin's pure logic (no vLLM needed): which strategies are served, the refusals, the family check
-and the placeholder-count arithmetic. The end-to-end checks inside vLLM are tests/test_vllm_engine.py."""
+and the placeholder-count arithmetic. The end-to-end checks inside vLLM are tests/vllm_plugin/test_vllm_engine.py."""
 
 from __future__ import annotations
 

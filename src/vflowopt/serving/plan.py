@@ -10,6 +10,7 @@ strategy's family check, and the placeholder-count arithmetic.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -133,3 +134,36 @@ def load_plan(environ: Mapping[str, str] | None = None) -> ServingPlan | None:
         return ServingPlan(config=config, source=path)
     except ConfigError as exc:
         raise ConfigError(f"{ENV_VAR}={path}: {exc}") from None
+
+
+# -- the plan of this process (vLLM calls the plugin in each of its processes) ---------------------------
+_lock = threading.Lock()
+_plan: ServingPlan | None = None
+_loaded = False
+
+
+def active_plan() -> ServingPlan | None:
+    """The plan of this process: read from VFLOWOPT_VLLM_CONFIG once (None when unset)."""
+    global _plan, _loaded
+    with _lock:
+        if not _loaded:
+            _plan = load_plan()
+            _loaded = True
+        return _plan
+
+
+def set_plan(plan: ServingPlan | None) -> None:
+    """Replace this process's plan (tests, the bench: one in-process engine, several strategies)."""
+    global _plan, _loaded
+    with _lock:
+        _plan, _loaded = plan, True
+
+
+def check_tensor_parallel(plan: ServingPlan, needs_attention: bool, tp_size: int) -> None:
+    """Methods scoring from the vision attention are refused when the vision heads are sharded (TP > 1)."""
+    if needs_attention and tp_size > 1:
+        raise ConfigError(
+            f"method '{plan.method}' scores from the vision encoder's attention, whose heads vLLM shards over "
+            f"the {tp_size} tensor-parallel ranks; the vLLM plugin does not gather them: serve it with "
+            "--tensor-parallel-size 1 (or use random, pool or divprune, which work with any TP size)"
+        )

@@ -24,38 +24,19 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 from typing import Any
 
-from ..errors import ConfigError
-from .plan import FAMILIES, ServingPlan, load_plan
+from .plan import FAMILIES, active_plan, check_tensor_parallel, set_plan
+
+__all__ = ["CLASS_NAMES", "active_plan", "check_tensor_parallel", "model_classes", "register", "set_plan",
+           "warn_uncovered"]
 
 logger = logging.getLogger("vflowopt.serving")
 
-_lock = threading.Lock()
-_plan: ServingPlan | None = None
-_loaded = False
 _warned_uncovered: set[str] = set()
 
 #: Public names of the model subclasses (served lazily by `__getattr__`), per vLLM architecture.
 CLASS_NAMES: dict[str, str] = {arch: f"VFlowOpt{arch}" for arch in FAMILIES}
-
-
-def active_plan() -> ServingPlan | None:
-    """The plan of this process: read from VFLOWOPT_VLLM_CONFIG once (None when unset)."""
-    global _plan, _loaded
-    with _lock:
-        if not _loaded:
-            _plan = load_plan()
-            _loaded = True
-        return _plan
-
-
-def set_plan(plan: ServingPlan | None) -> None:
-    """Replace this process's plan (tests and in-process engines built with different strategies)."""
-    global _plan, _loaded
-    with _lock:
-        _plan, _loaded = plan, True
 
 
 def register() -> None:
@@ -136,13 +117,3 @@ def model_classes() -> dict[str, type]:
     from . import vllm_models
 
     return vllm_models.build_classes(CLASS_NAMES)
-
-
-def check_tensor_parallel(plan: ServingPlan, needs_attention: bool, tp_size: int) -> None:
-    """Methods scoring from the vision attention are refused when the vision heads are sharded (TP > 1)."""
-    if needs_attention and tp_size > 1:
-        raise ConfigError(
-            f"method '{plan.method}' scores from the vision encoder's attention, whose heads vLLM shards over "
-            f"the {tp_size} tensor-parallel ranks; the vLLM plugin does not gather them: serve it with "
-            "--tensor-parallel-size 1 (or use random, pool or divprune, which work with any TP size)"
-        )

@@ -22,7 +22,7 @@ from ..models.qwen2_vl import Qwen2VLAdapter
 from ..models.qwen3_vl import Qwen3VLAdapter
 from ..registry import method_entry
 from ..signals.vision_keys import vision_keys
-from .plan import FAMILIES, ServingPlan
+from .plan import FAMILIES, ServingPlan, active_plan, check_tensor_parallel
 
 logger = logging.getLogger("vflowopt.serving")
 
@@ -216,7 +216,6 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
     from vllm.model_executor.models import qwen2_5_vl as q25
     from vllm.multimodal import MULTIMODAL_REGISTRY
 
-    from .vllm import active_plan, check_tensor_parallel
 
     def pruning_prompt_updates(updates, out_mm_kwargs):
         """vLLM's prompt updates with each image's placeholders cut to the kept count. An image given as

@@ -1,6 +1,6 @@
 """Running the tiny models in vLLM (in-process engine) and in transformers, with the same strategy.
 
-Also runnable as a script, `python tests/vllm/engine.py MODEL_DIR FAMILY N_CASES OUT.json`: a vLLM run in its
+Also runnable as a script, `python tests/vllm_plugin/engine.py MODEL_DIR FAMILY N_CASES OUT.json`: a vLLM run in its
 own process that loads the plugin through its entry point only, with or without VFLOWOPT_VLLM_CONFIG in the
 environment (without: stock vLLM, the reference for "budget 1.0 equals stock vLLM").
 """

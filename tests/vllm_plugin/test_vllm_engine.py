@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("vllm")
+pytest.importorskip("vllm.entrypoints.llm", reason="vLLM is installed only in .venv-vllm (make test-vllm)")
 
 import vflowopt  # noqa: E402
 from vflowopt import ConfigError, config_for  # noqa: E402
@@ -222,7 +222,6 @@ def test_vflowopt_serves_only_its_pre_llm_stage():
 def test_an_uncovered_model_is_served_unpruned_with_one_warning(tmp_path, caplog, monkeypatch):
     """A model class the plugin does not prune (here a text-only Qwen2) loads and generates as usual."""
     import transformers
-
     from vllm import SamplingParams
 
     for key, value in engine.ENGINE_ENV.items():
