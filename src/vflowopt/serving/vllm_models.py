@@ -314,7 +314,7 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
         tps = float(self.config.vision_config.tokens_per_second)
         out = []
         for i, (emb, size) in enumerate(zip(video_embeds_split, video_input["video_grid_thw"].tolist())):
-            per_grid = float(seconds[i].long()) if seconds is not None else 1.0
+            per_grid = float(seconds[i]) if seconds is not None else 1.0  # as stock get_mrope_input_positions
             pos = compute_mrope_for_media(size, merge, tokens_per_second=tps, video_second_per_grid=per_grid)
             pos[:, 3] = pos[:, :3].max() + 1
             out.append(torch.cat([emb, pos.to(emb.device, emb.dtype)], dim=1))
