@@ -413,28 +413,6 @@ def example_image(seed: int = 0, size: tuple[int, int] = (80, 120)) -> Image.Ima
     return image
 
 
-def _normalise_images(images, batch_size: int) -> list[list[Image.Image]]:
-    """Turn the ``images`` argument of :func:`build_inputs` into one list of images per prompt."""
-    if images is None:
-        return [[] for _ in range(batch_size)]
-    if isinstance(images, Image.Image):
-        images = [images]
-    images = list(images)
-    if batch_size == 1 and all(isinstance(im, Image.Image) for im in images):
-        return [images]  # several images in a single prompt
-    if len(images) != batch_size:
-        raise ValueError(f"got {len(images)} image entries for {batch_size} prompts")
-    per_prompt: list[list[Image.Image]] = []
-    for entry in images:
-        if entry is None:
-            per_prompt.append([])
-        elif isinstance(entry, Image.Image):
-            per_prompt.append([entry])
-        else:
-            per_prompt.append(list(entry))
-    return per_prompt
-
-
 def build_inputs(
     processor,
     images=None,
@@ -465,7 +443,9 @@ def build_inputs(
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompt_list:
         raise ValueError("at least one prompt is required")
-    per_prompt = _normalise_images(images, len(prompt_list))
+    from .video_inputs import normalise_images
+
+    per_prompt = normalise_images(images, len(prompt_list))
 
     template = getattr(processor, "chat_template", None)
     tokenizer = processor.tokenizer

@@ -540,6 +540,29 @@ def _normalise_videos(videos, batch_size: int) -> list[list[Any]]:
     return per_prompt
 
 
+def normalise_images(images, batch_size: int) -> list[list[Image.Image]]:
+    """Turn an ``images`` argument (of :func:`build_video_inputs` or :func:`vflowopt.tiny.build_inputs`) into one
+    list of images per prompt."""
+    if images is None:
+        return [[] for _ in range(batch_size)]
+    if isinstance(images, Image.Image):
+        images = [images]
+    images = list(images)
+    if batch_size == 1 and all(isinstance(im, Image.Image) for im in images):
+        return [images]  # several images in a single prompt
+    if len(images) != batch_size:
+        raise ValueError(f"got {len(images)} image entries for {batch_size} prompts")
+    per_prompt: list[list[Image.Image]] = []
+    for entry in images:
+        if entry is None:
+            per_prompt.append([])
+        elif isinstance(entry, Image.Image):
+            per_prompt.append([entry])
+        else:
+            per_prompt.append(list(entry))
+    return per_prompt
+
+
 def build_video_inputs(
     processor,
     videos,
@@ -575,14 +598,12 @@ def build_video_inputs(
         ``video_grid_thw`` and ``mm_token_type_ids`` for Qwen, ``second_per_grid_ts`` for Qwen2.5-VL, plus the
         image keys when ``images`` are given), or ``(batch, texts)`` if ``return_text``.
     """
-    from .tiny import _normalise_images
-
     family = video_family(processor)
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompt_list:
         raise ValueError("at least one prompt is required")
     per_prompt_videos = _normalise_videos(videos, len(prompt_list))
-    per_prompt_images = _normalise_images(images, len(prompt_list))
+    per_prompt_images = normalise_images(images, len(prompt_list))
     flat_videos = [video for entry in per_prompt_videos for video in entry]
     if not flat_videos:
         raise ValueError("build_video_inputs needs at least one video; use vflowopt.tiny.build_inputs for images")
