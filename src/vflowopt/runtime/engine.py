@@ -234,7 +234,7 @@ class PruningEngine:
         self._n_crops = units
         if self.vision is not None:
             self.method.reset()  # a method pruning inside the ViT keeps per-pass state (one pass per prompt)
-            self.vision.start(images=kind is not None)
+            self.vision.start(prune=kind is not None)
         if self.method.needs_pixels:
             vpass.pixels = pixel_values
 

@@ -71,9 +71,10 @@ class VisionPoint:
             hook(module, self._on_projector_pre, True)
         return untaps
 
-    def start(self, images: bool) -> None:
-        """A vision-tower pass begins; only image passes are pruned (not video passes)."""
-        self._vit = _VitRun() if images else None
+    def start(self, prune: bool) -> None:
+        """A vision-tower pass begins: pruned when it encodes the prompt's images or videos (inside
+        get_image_features / get_video_features), not when the tower is called directly."""
+        self._vit = _VitRun() if prune else None
         self.seconds = 0.0
 
     def pass_keep_map(self) -> VitMaps | None:
