@@ -358,9 +358,10 @@ def join_vit_maps(parts: list) -> VitMaps | None:
 def frame_units(tokens: VisualTokens) -> VisualTokens:
     """The same tokens with every frame of a video as a unit of its own (`video_scope="frame"`): each
     frame then keeps its share of the budget, instead of the whole video competing for the video's."""
-    key = tokens.image * 1_000_003 + torch.where(tokens.video, tokens.frame + 1, torch.zeros_like(tokens.frame))
-    units = torch.stack([torch.unique(row, return_inverse=True)[1] for row in key]) if key.numel() else key
-    return replace(tokens, image=units)
+    frame = torch.where(tokens.video, tokens.frame, torch.full_like(tokens.frame, -1))  # images: one unit each
+    pairs = torch.stack([tokens.image, frame], -1)  # (B, Nv, 2)
+    units = [torch.unique(row, dim=0, return_inverse=True)[1] for row in pairs]
+    return replace(tokens, image=torch.stack(units) if units else tokens.image)
 
 
 def merge_layouts(image: TokenLayout, video: TokenLayout, image_units: int, image_vit_tokens: int = 0) -> TokenLayout:

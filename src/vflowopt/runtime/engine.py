@@ -100,7 +100,6 @@ class PruningEngine:
         self.stats = PruneStats()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._fwd: dict | None = None
-        self._n_crops: int | None = None
         self._plan: _Plan | None = None
         self._run: _Run | None = None
         self._prune_layers = set(method.llm_layers)
@@ -231,7 +230,6 @@ class PruningEngine:
         vpass = _Pass(kind=kind, units=units, vit_tokens=int(pixel_values.shape[0]) if a.vit_flat else 0,
                       adapter_state=a.vision_pass_state())
         self._passes.append(vpass)
-        self._n_crops = units
         if self.vision is not None:
             self.method.reset()  # a method pruning inside the ViT keeps per-pass state (one pass per prompt)
             self.vision.start(prune=kind is not None)
@@ -307,7 +305,6 @@ class PruningEngine:
             return args, self._prefill(kwargs, image_mask, fwd)
         if past_len == 0:  # a fresh prompt without images: nothing to prune
             self._plan = None
-            self._n_crops = None
             self.method.reset()
             embeds = kwargs.get("inputs_embeds")
             n = int(embeds.shape[1]) if embeds is not None else 0
@@ -348,7 +345,6 @@ class PruningEngine:
         self.stats = self._prefill_stats(ctx, sel, keep_vis, self._run.plan)
         self.stats.method_info = dict(self.method.diagnostics())
         self.stats.kept = _kept_record(ctx, sel, keep_vis)
-        self._n_crops = None
         return kwargs
 
     def _check_signals_present(self, passes: list, has_images: bool, has_videos: bool) -> None:
@@ -477,7 +473,7 @@ class PruningEngine:
         # generate() encodes before the forward (and drops these arguments from it), a plain forward after
         # the base pre-hook: either way the wrappers' last record is this prompt's
         fwd_kwargs = {k: v if v is not None else self._media_kwargs.get(k) for k, v in fwd["kwargs"].items()}
-        units = [p.units if p is not None else (self._n_crops or 0) for p in passes]
+        units = [p.units if p is not None else 0 for p in passes]  # 0: features given precomputed
         a = self.adapter
 
         def build(step: int) -> TokenLayout:
