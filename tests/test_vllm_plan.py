@@ -92,7 +92,8 @@ def test_a_file_cannot_execute_code(tmp_path):
 
 
 def test_strategy_for_another_family_is_refused():
-    plan = ServingPlan(config_for("pool", budget=0.5, model_family="llava_onevision"), source="s.json")
+    plan = ServingPlan(config_for("pool", budget=0.5, model_family="llava_onevision", positions="compact"),
+                       source="s.json")
     with pytest.raises(ConfigError, match="saved for a llava_onevision model, but vLLM serves a qwen2_5_vl model"):
         plan.check_family("qwen2_5_vl")
     plan.check_family("llava_onevision")
@@ -111,9 +112,22 @@ def test_placeholder_counts():
     assert ServingPlan(config_for("random", budget=1.0)).is_identity
 
 
-def test_compact_positions_are_refused():
-    with pytest.raises(ConfigError, match="positions='compact' is not served"):
-        ServingPlan(config_for("divprune", budget=0.5, positions="compact"))
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "qwen2_vl"])
+def test_qwen_families_serve_original_positions_only(family):
+    ServingPlan(config_for("divprune", budget=0.5)).check_family(family)
+    plan = ServingPlan(config_for("divprune", budget=0.5, positions="compact"))
+    with pytest.raises(ConfigError, match=f"positions='compact', but on {family} .*original M-RoPE positions.*"
+                                          "save the strategy with positions='keep'"):
+        plan.check_family(family)
+
+
+@pytest.mark.parametrize("method", SERVED_METHODS)
+def test_llava_onevision_serves_compact_positions_only(method):
+    """vLLM numbers a 1-D RoPE model's prompt 1..L: a pruned OneVision prompt is positions='compact'."""
+    ServingPlan(config_for(method, budget=0.5, positions="compact")).check_family("llava_onevision")
+    with pytest.raises(ConfigError, match="positions='keep', but on llava_onevision .*consecutively.*"
+                                          "save the strategy with positions='compact'"):
+        ServingPlan(config_for(method, budget=0.5)).check_family("llava_onevision")
 
 
 def test_attention_methods_are_refused_with_sharded_vision_heads():

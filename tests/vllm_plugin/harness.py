@@ -1,4 +1,5 @@
-"""Tiny random Qwen-VL models saved to a folder that vLLM can load, and the transformers twin of each.
+"""Tiny random Qwen-VL and LLaVA-OneVision models saved to a folder that vLLM can load, and the transformers
+twin of each.
 
 vLLM-specific constraints the project's own tiny models (src/vflowopt/tiny_families.py) do not meet, so
 the shapes here differ from them:
@@ -7,6 +8,9 @@ the shapes here differ from them:
 * vLLM's M-RoPE recompute after pruning looks for `<|vision_start|>`: the tokenizer gets
   `<|vision_start|>` / `<|vision_end|>` and the chat template puts them around the image;
 * 4 text layers, so VFlowOpt's default stage layers (L/3, 2L/3) exist (the plugin keeps every token there).
+* LLaVA-OneVision: the SigLIP tower, projector and anyres pinpoints of the project's tiny OneVision
+  (`assets/tiny_llava_onevision`), the text model above without M-RoPE, the plain chat template; `save`
+  renames its vision keys (see `save`).
 The processor is saved part by part: `ProcessorMixin.save_pretrained` cannot save a processor without a video
 processor (transformers' Qwen-VL video processors need torchvision, absent here).
 """
@@ -50,6 +54,32 @@ def _text(tok, layers: int = TEXT_LAYERS, hidden: int = 64) -> dict:
         "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
     }
+
+
+def _onevision(tok, text_layers: int, text_hidden: int):
+    """(model, processor) of a tiny LLaVA-OneVision whose text model vLLM's CPU attention accepts."""
+    import transformers
+
+    from vflowopt.tiny import CHATML_CHAT_TEMPLATE, load_asset_config, onevision_processor_class
+
+    tok.chat_template = CHATML_CHAT_TEMPLATE
+    raw = load_asset_config("tiny_llava_onevision")
+    raw.pop("model_type", None)
+    text = _text(tok, text_layers, text_hidden)
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}  # 1-D RoPE (no M-RoPE)
+    raw["text_config"] = {"model_type": "qwen2", **text}
+    raw["image_token_index"], raw["video_token_index"] = tok.image_token_id, tok.video_token_id
+    cfg = transformers.LlavaOnevisionConfig(**raw)
+    vision = cfg.vision_config
+    image_processor = transformers.LlavaOnevisionImageProcessorPil(
+        size={"height": vision.image_size, "width": vision.image_size},
+        image_grid_pinpoints=[list(p) for p in cfg.image_grid_pinpoints], image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    proc = onevision_processor_class()(
+        image_processor=image_processor, tokenizer=tok, video_processor=None,
+        num_image_tokens=(vision.image_size // vision.patch_size) ** 2,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy, vision_aspect_ratio=cfg.vision_aspect_ratio,
+        chat_template=CHATML_CHAT_TEMPLATE)
+    return cfg, proc
 
 
 def _processor(name: str, patch: int, mean, std, tok, max_tokens: int = 64):
@@ -99,6 +129,9 @@ def build(family: str, seed: int = 0, *, text_layers: int = TEXT_LAYERS, text_hi
 
     tok = _tokenizer()
     mean, std, patch = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, 14
+    if family == "llava_onevision":
+        cfg, proc = _onevision(tiny_tokenizer("chatml"), text_layers, text_hidden)
+        return _instantiate(transformers.LlavaOnevisionForConditionalGeneration, cfg, seed), proc
     if family == "qwen2_5_vl":
         cfg = transformers.Qwen2_5_VLConfig(text_config=_text(tok, text_layers, text_hidden), vision_config={
             "depth": 4, "hidden_size": 32, "intermediate_size": 64, "out_hidden_size": text_hidden, "num_heads": 2,
@@ -126,19 +159,36 @@ def build(family: str, seed: int = 0, *, text_layers: int = TEXT_LAYERS, text_hi
 
 
 def save(model, proc, out: Path) -> Path:
-    """Save a model and its processor where vLLM (and transformers) can load them."""
+    """Save a model and its processor where vLLM (and transformers) can load them.
+
+    LLaVA-OneVision: transformers 5.19 saves the SigLIP tower as `model.vision_tower.*`, while vLLM 0.32's
+    `SiglipVisionModel` loads `vision_tower.vision_model.*` (its weight mapper only strips `model.`): the
+    saved keys are renamed once to the nested form, which both libraries load."""
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
+    if model.config.model_type == "llava_onevision":
+        _nest_siglip_keys(out / "model.safetensors")
     proc.tokenizer.save_pretrained(out)
     proc.image_processor.save_pretrained(out)
     (out / "chat_template.jinja").write_text(proc.chat_template)
     base = type(proc).__mro__[1].__name__  # NoVideoProcessor -> Qwen2_5_VLProcessor
-    (out / "processor_config.json").write_text(json.dumps({"processor_class": base}))
+    extra = {k: getattr(proc, k) for k in ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio")
+             if hasattr(proc, k)}  # LLaVA-OneVision's processor settings
+    (out / "processor_config.json").write_text(json.dumps({"processor_class": base, **extra}))
     tc_path = out / "tokenizer_config.json"
     tc = json.loads(tc_path.read_text())
     tc["processor_class"] = base
     tc_path.write_text(json.dumps(tc, indent=1))
     return out
+
+
+def _nest_siglip_keys(path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    old, new = "vision_tower.", "vision_tower.vision_model."
+    state = load_file(path)
+    state = {(new + k[len(old):] if k.startswith(old) and not k.startswith(new) else k): v for k, v in state.items()}
+    save_file(state, path, metadata={"format": "pt"})
 
 
 def prompt(proc, n_images: int = 1, question: str = QUESTION) -> str:

@@ -48,6 +48,17 @@ FAMILIES: dict[str, str] = {
     "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
     "Qwen3VLForConditionalGeneration": "qwen3_vl",
     "Qwen2VLForConditionalGeneration": "qwen2_vl",
+    "LlavaOnevisionForConditionalGeneration": "llava_onevision",
+}
+
+#: The `positions` mode vLLM realises per family. Qwen-VL (M-RoPE): each kept token carries its original
+#: position ("keep"). LLaVA-OneVision (1-D RoPE): vLLM numbers the pruned prompt's tokens 1..L and has no
+#: per-token position ids for this model, which is "compact".
+SERVED_POSITIONS: dict[str, str] = {
+    "qwen2_5_vl": "keep",
+    "qwen3_vl": "keep",
+    "qwen2_vl": "keep",
+    "llava_onevision": "compact",
 }
 
 
@@ -64,9 +75,6 @@ def serving_config(config: PruneConfig) -> PruneConfig:
     if budget is None:
         raise ConfigError(f"the strategy for '{name}' has no budget; the vLLM plugin keeps round(budget·n) of each "
                           "image's n tokens, so the file needs a budget in (0, 1]")
-    if getattr(config, "positions", "keep") != "keep":
-        raise ConfigError(f"positions={config.positions!r} is not served: the vLLM plugin gives kept tokens their "
-                          "original M-RoPE positions; save the strategy with positions='keep'")
     if name == "vflowopt":
         return replace(config, retention=(float(budget), 1.0, 1.0))
     return config
@@ -103,12 +111,21 @@ class ServingPlan:
         return keep_count(int(n), self.budget)
 
     def check_family(self, family: str) -> None:
-        """A strategy resolved for one family (its saved `model_family`) is refused on another."""
+        """A strategy resolved for one family (its saved `model_family`) is refused on another, and so is a
+        `positions` mode vLLM cannot realise for the family (`SERVED_POSITIONS`)."""
         saved = self.config.model_family
+        where = self.source or "(in memory)"
         if saved is not None and saved != family:
-            raise ConfigError(f"strategy {self.source or '(in memory)'} was saved for a {saved} model, but vLLM "
-                              f"serves a {family} model; save a strategy for {family} (vflowopt optimize) or "
-                              "drop its model_family field")
+            raise ConfigError(f"strategy {where} was saved for a {saved} model, but vLLM serves a {family} model; "
+                              f"save a strategy for {family} (vflowopt optimize) or drop its model_family field")
+        served = SERVED_POSITIONS.get(family, "keep")
+        asked = getattr(self.config, "positions", "keep")
+        if asked != served:
+            how = ("gives kept tokens their original M-RoPE positions" if served == "keep" else
+                   "numbers the pruned prompt's positions consecutively (vLLM has no per-token position ids for "
+                   "this model's 1-D RoPE)")
+            raise ConfigError(f"strategy {where} asks for positions={asked!r}, but on {family} the vLLM plugin {how}, "
+                              f"which is positions={served!r}; save the strategy with positions={served!r}")
 
 
 def qwen_tokens_per_image(grid_thw: tuple[int, int, int], merge_size: int) -> int:

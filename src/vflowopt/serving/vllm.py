@@ -74,8 +74,9 @@ def __getattr__(name: str) -> Any:
 def _patch_model_runners() -> None:
     """The runner strips the appended M-RoPE channels and recomputes positions only when its
     `is_multimodal_pruning_enabled` is set. vLLM 0.32 sets it from the video-pruning option alone (GPU runner,
-    `load_model`) or never (CPU runner, `CPUModelRunner.load_model`): set it after loading when our model
-    prunes images. An uncovered model class gets one warning and is served unpruned."""
+    `load_model`) or never (CPU runner, `CPUModelRunner.load_model`): set it after loading when our M-RoPE
+    model prunes images (LLaVA-OneVision appends no positions). An uncovered model class gets one warning and
+    is served unpruned."""
     import importlib
 
     for module, cls_name in (("vllm.v1.worker.gpu_model_runner", "GPUModelRunner"),
@@ -92,7 +93,7 @@ def _patch_model_runners() -> None:
         def load_model(self, *args, _original=original, **kwargs):
             result = _original(self, *args, **kwargs)
             model = self.get_model()
-            if getattr(model, "vflowopt_prunes_images", False):
+            if getattr(model, "vflowopt_prunes_images", False) and getattr(model, "vflowopt_mrope", True):
                 self.is_multimodal_pruning_enabled = True
             elif not hasattr(model, "vflowopt_prunes_images"):
                 warn_uncovered(type(model).__name__)

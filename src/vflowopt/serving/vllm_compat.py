@@ -7,6 +7,8 @@ They apply only where torchvision cannot be imported, so a GPU server with torch
    and vLLM 0.32's `model_executor/models/qwen2_vl.py` / `qwen3_vl.py` import `smart_resize` and
    `Qwen2VLImageProcessor` from it: the module name is served by its PIL twin
    (`image_processing_pil_qwen2_vl`, same helpers), with `Qwen2VLImageProcessor` bound to the PIL class.
+   Likewise `models/pixtral/image_processing_pixtral.py`, which vLLM's `pixtral.py` imports (for
+   `_num_image_tokens`) on the way to `llava.py` and so `llava_onevision.py`.
 2. transformers' `ProcessorMixin.from_pretrained` loads a video processor for every Qwen-VL processor
    (`AutoVideoProcessor` needs torchvision) and `check_argument_for_proper_class` refuses anything else;
    vLLM reads `video_processor.valid_kwargs`. A stub video processor stands in: it exposes
@@ -29,6 +31,7 @@ import sys
 _ALIASES: dict[str, tuple[str, str]] = {
     "transformers.models.qwen2_vl.image_processing_qwen2_vl": ("image_processing_pil_qwen2_vl",
                                                                "Qwen2VLImageProcessor"),
+    "transformers.models.pixtral.image_processing_pixtral": ("image_processing_pil_pixtral", "PixtralImageProcessor"),
 }
 
 _installed = False

@@ -1,13 +1,15 @@
 """The vLLM model and processor subclasses that prune images, and the selection they run.
 
-`ImagePruner` is the engine-independent part: given one vision pass's images (merged features, pixels,
-and the scored block's attention input) it calls `select_before_llm`, the method code the transformers
-path runs, image by image. `build_classes()` makes the vLLM subclasses (imports vLLM; called lazily).
+`ImagePruner` (Qwen-VL) and `CropImagePruner` (LLaVA-OneVision) are the engine-independent part: given one
+vision pass's images (merged features, pixels, and the scored block's attention input) they call
+`select_before_llm`, the method code the transformers path runs, image by image. `build_classes()` makes
+the vLLM subclasses (imports vLLM; called lazily).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from types import SimpleNamespace
 from typing import Any
@@ -16,7 +18,8 @@ import torch
 
 from ..errors import ConfigError, PruningError
 from ..methods.base import select_before_llm
-from ..models.base import ModelAdapter
+from ..models.base import ModelAdapter, TokenLayout
+from ..models.llava_onevision import LlavaOnevisionAdapter
 from ..models.qwen2_5_vl import Qwen2_5_VLAdapter
 from ..models.qwen2_vl import Qwen2VLAdapter
 from ..models.qwen3_vl import Qwen3VLAdapter
@@ -61,42 +64,133 @@ def hf_rotary(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> tuple[torc
     return cos, sin
 
 
-class ImagePruner:
-    """Selects each image's kept tokens with the plan's method, as `vflowopt.prune` would before the LLM."""
+class SiglipAttentionView:
+    """A vLLM SigLIP attention (one fused `qkv_proj`, [q | k | v] along the last dim) seen as the transformers
+    module the signal code reads: `q_proj(x)`, `k_proj(x)`, `num_heads` (this rank's heads), `head_dim`,
+    `scale`. The fused projection is computed once per input."""
 
-    def __init__(self, plan: ServingPlan, family: str, hf_config: Any, visual: torch.nn.Module,
-                 feature_width: int | None = None):
+    def __init__(self, attn: torch.nn.Module):
+        self._attn = attn
+        heads = getattr(attn, "num_heads_per_partition", None)
+        head_dim = getattr(attn, "head_dim", None)
+        if heads is None or head_dim is None or not hasattr(attn, "qkv_proj"):
+            raise ConfigError(f"unsupported vLLM vision attention module {type(attn).__name__}")
+        self.num_heads = int(heads)
+        self.head_dim = int(head_dim)
+        self.scale = float(attn.scale)
+        self._last: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None
+
+    def _split(self, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self._last is None or self._last[0] is not hidden:
+            out = self._attn.qkv_proj(hidden)
+            out = out[0] if isinstance(out, tuple) else out
+            self._last = (hidden, out.chunk(3, dim=-1))
+        return self._last[1]
+
+    def q_proj(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._split(hidden)[0]
+
+    def k_proj(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._split(hidden)[1]
+
+    def forget(self) -> None:
+        self._last = None
+
+
+class _Pruner:
+    """What every engine-side pruner shares: the plan checked for the family, the method's declared
+    signals, the scored block's hook, and the per-image selection with its placeholder-count check."""
+
+    def __init__(self, plan: ServingPlan, family: str, adapter: ModelAdapter):
         self.plan = plan
         self.family = family
         plan.check_family(family)
-        # The adapter reads the transformers config and the vision blocks; vLLM's hf_config is that config.
-        self.adapter = _ADAPTERS[family](SimpleNamespace(config=hf_config, visual=visual))
-        self.config = plan.config.resolve(self.adapter)
+        self.adapter = adapter
+        self.config = plan.config.resolve(adapter)
         _, method_cls = method_entry(self.config.method)
-        method = method_cls(self.config, self.adapter)
+        method = method_cls(self.config, adapter)
         self.attention_layer: int | None = method.vision_attention_layer
         self.needs_pixels = bool(method.needs_pixels)
         self.needs_keys = bool(method.needs_vision_keys)
-        self.merge = int(hf_config.vision_config.spatial_merge_size)
-        self.visual = visual
-        self.feature_width = feature_width  # None: the whole embedding row is the feature
         self._capturing = False
-        self._grid: torch.Tensor | None = None
-        self._maps: list[torch.Tensor] | None = None
-        self._keys: list[torch.Tensor] | None = None
+        self._maps: Any = None
+        self._keys: Any = None
+        self._hook = None
         #: kept token indices of each image of the last selections (tests compare them with transformers)
         self.last_kept: list[list[int]] = []
-        if self.attention_layer is not None:
-            block = self.adapter.vision_layers[self.attention_layer]
-            self.view = AttentionView(block.attn)
-            self._hook = block.attn.register_forward_pre_hook(self._on_attention, with_kwargs=True)
+        #: (prunable, always kept) placeholder counts of each image of the last selections
+        self.last_counts: list[tuple[int, int]] = []
+
+    def _hook_attention(self, attn: torch.nn.Module, hook) -> None:
+        self._hook = attn.register_forward_pre_hook(hook, with_kwargs=True)
 
     def close(self) -> None:
         """Remove the attention hook (the plan changed)."""
-        hook = getattr(self, "_hook", None)
-        if hook is not None:
-            hook.remove()
+        if self._hook is not None:
+            self._hook.remove()
             self._hook = None
+
+    @property
+    def needs_attention(self) -> bool:
+        return self.attention_layer is not None
+
+    def end(self) -> None:
+        self._capturing = False
+
+    def _check_signals(self, n_images: int, n_maps: int | None, pixel_values) -> None:
+        if self.needs_attention and (self._maps is None or n_maps != n_images):
+            raise PruningError(f"vflowopt: method '{self.plan.method}' needs the vision encoder's attention, but no "
+                               "vision pass ran for these images (precomputed image embeddings cannot be pruned "
+                               "with it; use random, pool or divprune)")
+        if self.needs_pixels and pixel_values is None:
+            raise PruningError(f"vflowopt: method '{self.plan.method}' (entropy_weight != 0) needs the images' "
+                               "pixels; precomputed image embeddings cannot be pruned with it")
+
+    def _select_one(self, emb: torch.Tensor, layout: TokenLayout, signals: dict[str, Any],
+                    feature_width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One image's (kept embeddings, their indices among its tokens). `feature_width`: the leading columns
+        the method sees (the rest, Qwen3-VL's deepstack rows, follow the token they belong to)."""
+        n = emb.shape[0]
+        prunable = layout.tokens.prunable[0]
+        n_prunable = int(prunable.sum())
+        k = n - n_prunable + self.plan.kept_tokens(n_prunable)  # what the processor left in the prompt
+        self.last_counts.append((n_prunable, n - n_prunable))
+        if k >= n:
+            self.last_kept.append(list(range(n)))
+            return emb, torch.arange(n, device=emb.device)
+        main = emb[:, :feature_width] if feature_width else emb
+        sel = select_before_llm(self.config, self.adapter, layout, main[None], signals=signals)
+        keep = sel.keep[0].to(emb.device)
+        feats = emb
+        if sel.replaced is not None and sel.features is not None and bool(sel.replaced.any()):
+            # a merged/pooled token replaces the features of the token it stands at; extra columns stay
+            merged = torch.where(sel.replaced[0].to(emb.device)[:, None], sel.features[0].to(emb.dtype), main)
+            feats = torch.cat([merged, emb[:, merged.shape[1]:]], dim=1)
+        if int(keep.sum()) != k:  # the prompt holds k placeholders: any other count would corrupt it
+            raise PruningError(f"vflowopt: method '{self.plan.method}' kept {int(keep.sum())} of {n} tokens of "
+                               f"an image, but the prompt has {k} placeholders for it")
+        idx = keep.nonzero().squeeze(-1)
+        self.last_kept.append(idx.tolist())
+        return feats[idx], idx
+
+
+class ImagePruner(_Pruner):
+    """Qwen-VL: selects each image's kept tokens with the plan's method, as `vflowopt.prune` would before the
+    LLM, from the merger's output, the pixels and the scored block's (flat, all images) attention input."""
+
+    def __init__(self, plan: ServingPlan, family: str, hf_config: Any, visual: torch.nn.Module,
+                 feature_width: int | None = None):
+        plan.check_family(family)
+        # The adapter reads the transformers config and the vision blocks; vLLM's hf_config is that config.
+        super().__init__(plan, family, _ADAPTERS[family](SimpleNamespace(config=hf_config, visual=visual)))
+        self.merge = int(hf_config.vision_config.spatial_merge_size)
+        self.visual = visual
+        self.feature_width = feature_width  # None: the whole embedding row is the feature
+        self._grid: torch.Tensor | None = None
+        if self.attention_layer is not None:
+            block = self.adapter.vision_layers[self.attention_layer]
+            self.view = AttentionView(block.attn)
+            self._hook_attention(block.attn, self._on_attention)
 
     def normalised_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The pixels as transformers' processor returns them (normalised). vLLM >= 0.32 may leave rescaling
@@ -107,18 +201,11 @@ class ImagePruner:
         with torch.no_grad():
             return norm(pixel_values, torch.float32).float()
 
-    @property
-    def needs_attention(self) -> bool:
-        return self.attention_layer is not None
-
     # -- capture during the vision pass -------------------------------------------------------------
     def begin(self, grid_thw: torch.Tensor) -> None:
         self._capturing = True
         self._grid = grid_thw.detach().to("cpu", torch.long)
         self._maps = self._keys = None
-
-    def end(self) -> None:
-        self._capturing = False
 
     def _on_attention(self, module, args, kwargs) -> None:
         if not self._capturing:
@@ -138,27 +225,14 @@ class ImagePruner:
                pixel_values: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per image: (kept embeddings, their indices among the image's tokens)."""
         grid = grid_thw.detach().to("cpu", torch.long)
-        if self.needs_attention and (self._maps is None or len(self._maps) != len(embeds)):
-            raise PruningError(f"vflowopt: method '{self.plan.method}' needs the vision encoder's attention, but no "
-                               "vision pass ran for these images (precomputed image embeddings cannot be pruned "
-                               "with it; use random, pool or divprune)")
-        if self.needs_pixels and pixel_values is None:
-            raise PruningError(f"vflowopt: method '{self.plan.method}' (entropy_weight != 0) needs the images' "
-                               "pixels; precomputed image embeddings cannot be pruned with it")
+        self._check_signals(len(embeds), None if self._maps is None else len(self._maps), pixel_values)
         patches = grid.prod(-1).tolist()
         pixels: list[torch.Tensor | None] = [None] * len(embeds)
         if self.needs_pixels:
             pixels = list(torch.split(self.normalised_pixels(pixel_values), patches))
         out = []
-        self.last_kept = []
+        self.last_kept, self.last_counts = [], []
         for i, emb in enumerate(embeds):
-            n = emb.shape[0]
-            k = self.plan.kept_tokens(n)
-            if k >= n:
-                keep = torch.ones(n, dtype=torch.bool, device=emb.device)
-                out.append((emb, keep.nonzero().squeeze(-1)))
-                self.last_kept.append(list(range(n)))
-                continue
             self.adapter.on_vision_input((), {"grid_thw": grid[i : i + 1]})  # this image alone
             signals: dict[str, Any] = {}
             if self.needs_pixels:
@@ -167,23 +241,77 @@ class ImagePruner:
                 signals["vision_attention"] = [self._maps[i].to(emb.device)]
             if self.needs_keys:
                 signals["vision_keys"] = [self._keys[i].to(emb.device)]
-            mask = torch.ones(1, n, dtype=torch.bool, device=emb.device)
+            mask = torch.ones(1, emb.shape[0], dtype=torch.bool, device=emb.device)
             layout = self.adapter.layout(mask, {"image_grid_thw": grid[i : i + 1]}, 1)
             # Qwen3-VL: the tower's output is [features | deepstack features]; methods see the features, and a
             # recycled token keeps the deepstack rows of the token it replaces (as the transformers path does)
-            main = emb[:, : self.feature_width] if self.feature_width else emb
-            sel = select_before_llm(self.config, self.adapter, layout, main[None], signals=signals)
-            keep = sel.keep[0].to(emb.device)
-            feats = emb
-            if sel.replaced is not None and sel.features is not None and bool(sel.replaced.any()):
-                merged = torch.where(sel.replaced[0].to(emb.device)[:, None], sel.features[0].to(emb.dtype), main)
-                feats = torch.cat([merged, emb[:, merged.shape[1]:]], dim=1)
-            if int(keep.sum()) != k:  # the prompt holds k placeholders: any other count would corrupt it
-                raise PruningError(f"vflowopt: method '{self.plan.method}' kept {int(keep.sum())} of {n} tokens of "
-                                   f"an image, but the prompt has {k} placeholders for it")
-            idx = keep.nonzero().squeeze(-1)
-            out.append((feats[idx], idx))
-            self.last_kept.append(idx.tolist())
+            out.append(self._select_one(emb, layout, signals, self.feature_width))
+        return out
+
+
+class CropImagePruner(_Pruner):
+    """LLaVA-OneVision: each image is a base crop plus anyres crops through the SigLIP tower, packed by the
+    model (unpadding, downscaling, one newline per row of the crop grid). The layout is the transformers
+    adapter's own, with transformers' `pack_image_features` (it reads only the config); newlines are never
+    pruned, so an image keeps its newlines plus `round(budget·n)` of its n other tokens."""
+
+    def __init__(self, plan: ServingPlan, hf_config: Any, vision_model: torch.nn.Module):
+        from transformers.models.llava_onevision import modeling_llava_onevision as hf_ov
+
+        pack = functools.partial(hf_ov.LlavaOnevisionModel.pack_image_features, SimpleNamespace(config=hf_config))
+        base = SimpleNamespace(vision_tower=vision_model, pack_image_features=pack)
+        super().__init__(plan, "llava_onevision", LlavaOnevisionAdapter(SimpleNamespace(config=hf_config,
+                                                                                        model=base)))
+        self._crops_of = functools.partial(hf_ov.image_size_to_num_patches,
+                                           grid_pinpoints=hf_config.image_grid_pinpoints,
+                                           patch_size=hf_config.vision_config.image_size)
+        if self.attention_layer is not None:
+            attn = self.adapter.vision_attention(self.attention_layer)
+            self.view = SiglipAttentionView(attn)
+            self._hook_attention(attn, self._on_attention)
+
+    def begin(self) -> None:
+        self._capturing = True
+        self._maps = self._keys = None
+
+    def end(self) -> None:
+        super().end()
+        if self.attention_layer is not None:
+            self.view.forget()
+
+    def _on_attention(self, module, args, kwargs) -> None:
+        if not self._capturing:
+            return
+        hidden = kwargs.get("hidden_states", args[0] if args else None)  # (crops of every image, N, D)
+        with torch.no_grad():
+            self._maps = self.adapter.vision_attention_probs(self.view, (), {"hidden_states": hidden}).cpu()
+            if self.needs_keys:
+                self._keys = vision_keys(self.adapter, self.view, (), {"hidden_states": hidden}).cpu()
+
+    def select(self, packed: list[torch.Tensor], image_sizes: torch.Tensor,
+               pixel_values: torch.Tensor | list[torch.Tensor] | None) -> list[torch.Tensor]:
+        """Per image: the kept rows of its packed embeddings (newlines included), in order."""
+        sizes = torch.as_tensor(image_sizes).reshape(-1, 2).to("cpu", torch.long)
+        self._check_signals(len(packed), None if self._maps is None else len(packed), pixel_values)
+        # crops as vLLM stacked them for the tower (a batched tensor may carry padding crops) ...
+        fed = [int(x.shape[0]) for x in pixel_values] if pixel_values is not None else None
+        starts = [0] + torch.tensor(fed).cumsum(0).tolist() if fed else None
+        if self._maps is not None and fed is not None and sum(fed) != self._maps.shape[0]:
+            raise PruningError(f"vflowopt: the vision pass saw {self._maps.shape[0]} crops, the images have {sum(fed)}")
+        out = []
+        self.last_kept, self.last_counts = [], []
+        for i, emb in enumerate(packed):
+            n_crops = int(self._crops_of(sizes[i].tolist()))  # ... and as the model uses them
+            signals: dict[str, Any] = {}
+            if self.needs_pixels:
+                signals["pixel_values"] = pixel_values[i][:n_crops].float()
+            if self.needs_attention:
+                signals["vision_attention"] = self._maps[starts[i] : starts[i] + n_crops].to(emb.device)
+            if self.needs_keys:
+                signals["vision_keys"] = self._keys[starts[i] : starts[i] + n_crops].to(emb.device)
+            mask = torch.ones(1, emb.shape[0], dtype=torch.bool, device=emb.device)
+            layout = self.adapter.layout(mask, {"image_sizes": sizes[i : i + 1]}, n_crops)
+            out.append(self._select_one(emb, layout, signals)[0])
         return out
 
 
@@ -210,6 +338,22 @@ def media_positions(grid_thw: list[int], merge: int, extra_zero_channel: bool) -
     return pos
 
 
+def onevision_newlines(info: Any, width: int, height: int) -> int:
+    """Newline tokens of a LLaVA-OneVision image of `width`×`height` px: one per row of its (unpadded,
+    possibly downscaled) crop grid, from the same vLLM arithmetic as its placeholder count
+    (`LlavaNextProcessingInfo.get_num_image_tokens`)."""
+    from vllm.model_executor.models.llava_next import get_anyres_image_grid_shape
+
+    encoder = info.get_vision_encoder_info()
+    rows, cols = get_anyres_image_grid_shape(image_size=(height, width),
+                                             grid_pinpoints=info.get_hf_config().image_grid_pinpoints,
+                                             patch_size=encoder.get_image_size())
+    _, newlines = info._get_num_unpadded_features(original_height=height, original_width=width,
+                                                  npatches=encoder.get_patch_grid_length(),
+                                                  num_patch_height=rows, num_patch_width=cols)
+    return int(newlines)
+
+
 def build_classes(names: dict[str, str]) -> dict[str, type]:
     """The vLLM subclasses, keyed by the names in `names` ({vLLM architecture: class name})."""
     from vllm.distributed import parallel_state
@@ -217,12 +361,14 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
     from vllm.multimodal import MULTIMODAL_REGISTRY
 
 
-    def pruning_prompt_updates(updates, out_mm_kwargs):
-        """vLLM's prompt updates with each image's placeholders cut to the kept count. An image given as
-        precomputed embeddings is refused here, as a request error, when the method needs the vision pass."""
+    def pruning_prompt_updates(updates, out_mm_kwargs, kept=None):
+        """vLLM's prompt updates with each image's placeholders cut to the kept count: `kept(item_idx, n)`
+        (default: `plan.kept_tokens(n)`, every placeholder prunable). An image given as precomputed embeddings
+        is refused here, as a request error, when the method needs the vision pass."""
         plan = active_plan()
         if plan is None or plan.is_identity:
             return updates
+        count = kept or (lambda item_idx, n: plan.kept_tokens(n))
         out = []
         for update in updates:
             if update.modality != "image":
@@ -237,7 +383,7 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
                 tokens = _full(item_idx)
                 if not isinstance(tokens, list):
                     raise PruningError(f"vflowopt: unexpected image replacement {type(tokens).__name__} from vLLM")
-                return tokens[: plan.kept_tokens(len(tokens))]
+                return tokens[: count(item_idx, len(tokens))]
 
             out.append(type(update)(modality=update.modality, target=update.target, replacement=replacement))
         return out
@@ -247,6 +393,8 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
 
         vflowopt_family: str = ""
         vflowopt_extra_channel: bool = False
+        #: M-RoPE model: pruned images carry their positions (the runner strips and recomputes them)
+        vflowopt_mrope: bool = True
 
         def _vflowopt_init(self) -> None:
             self.vflowopt_pruner = None
@@ -255,8 +403,14 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
             self.vflowopt_prunes_images = plan is not None and not plan.is_identity
             if self.vflowopt_prunes_images:
                 self._vflowopt_current()  # a strategy this model cannot serve stops the server here
-                # images (and videos, unpruned unless vLLM's own video pruning is on) carry their M-RoPE positions
-                self.is_multimodal_pruning_enabled = True
+                if self.vflowopt_mrope:
+                    # images (and videos, unpruned unless vLLM's own video pruning is on) carry their M-RoPE
+                    # positions
+                    self.is_multimodal_pruning_enabled = True
+
+        def _vflowopt_new_pruner(self, plan: ServingPlan) -> _Pruner:
+            return ImagePruner(plan, self.vflowopt_family, self.config, self.visual,
+                               getattr(self, "visual_dim", None) if self.vflowopt_extra_channel else None)
 
         def _vflowopt_current(self):
             """The pruner of the active plan (rebuilt when `set_plan` replaced it; None: keep every token)."""
@@ -266,8 +420,7 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
                     self.vflowopt_pruner.close()
                 self.vflowopt_pruner = None
                 if plan is not None:
-                    pruner = ImagePruner(plan, self.vflowopt_family, self.config, self.visual,
-                                         getattr(self, "visual_dim", None) if self.vflowopt_extra_channel else None)
+                    pruner = self._vflowopt_new_pruner(plan)
                     try:
                         check_tensor_parallel(plan, pruner.needs_attention,
                                               parallel_state.get_tensor_model_parallel_world_size())
@@ -277,6 +430,9 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
                     self.vflowopt_pruner = pruner
                 self._vflowopt_plan = plan
             return self.vflowopt_pruner
+
+    class QwenPruningMixin(PruningMixin):
+        """Qwen-VL: capture during the flat vision pass; select after the merger, positions appended (EVS)."""
 
         def _process_image_input(self, image_input):
             pruner = self._vflowopt_current() if self.vflowopt_prunes_images else None
@@ -327,7 +483,7 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
 
     @MULTIMODAL_REGISTRY.register_processor(Qwen2_5Processor, info=q25.Qwen2_5_VLProcessingInfo,
                                             dummy_inputs=q25.Qwen2_5_VLDummyInputsBuilder)
-    class Qwen2_5Model(PruningMixin, q25.Qwen2_5_VLForConditionalGeneration):
+    class Qwen2_5Model(QwenPruningMixin, q25.Qwen2_5_VLForConditionalGeneration):
         vflowopt_family = FAMILIES["Qwen2_5_VLForConditionalGeneration"]
 
         def __init__(self, *, vllm_config, prefix: str = ""):
@@ -372,7 +528,7 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
 
     @MULTIMODAL_REGISTRY.register_processor(Qwen3Processor, info=q3.Qwen3VLProcessingInfo,
                                             dummy_inputs=q3.Qwen3VLDummyInputsBuilder)
-    class Qwen3Model(PruningMixin, q3.Qwen3VLForConditionalGeneration):
+    class Qwen3Model(QwenPruningMixin, q3.Qwen3VLForConditionalGeneration):
         vflowopt_family = FAMILIES["Qwen3VLForConditionalGeneration"]
         vflowopt_extra_channel = True
 
@@ -402,7 +558,7 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
 
     @MULTIMODAL_REGISTRY.register_processor(Qwen2Processor, info=q2.Qwen2VLProcessingInfo,
                                             dummy_inputs=q2.Qwen2VLDummyInputsBuilder)
-    class Qwen2Model(PruningMixin, q2.Qwen2VLForConditionalGeneration):
+    class Qwen2Model(QwenPruningMixin, q2.Qwen2VLForConditionalGeneration):
         """vLLM 0.32's Qwen2-VL has no multimodal-pruning support (`SupportsMultiModalPruning`): this adds what
         the runner needs when images are pruned — embeddings with their M-RoPE positions appended (images
         selected, videos whole) and `recompute_mrope_positions` — in the form Qwen2.5-VL uses."""
@@ -452,8 +608,63 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
                 config = dataclasses.replace(config, modalities=[])
             return config
 
+    from vllm.model_executor.models import llava_onevision as lov
+    from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
+
+    class OnevisionProcessor(lov.LlavaOnevisionMultiModalProcessor):
+        def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+            info = self.info
+
+            def kept(item_idx: int, n: int) -> int:
+                """An image's newlines (never pruned) plus round(budget·m) of its m other tokens."""
+                images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
+                if isinstance(images, ImageEmbeddingItems):
+                    raise ValueError("vflowopt: precomputed LLaVA-OneVision image embeddings carry no image size, "
+                                     "so their newline tokens cannot be told apart; send the image itself")
+                size = images.get_image_size(item_idx)
+                newlines = onevision_newlines(info, size.width, size.height)
+                return newlines + active_plan().kept_tokens(n - newlines)
+
+            return pruning_prompt_updates(
+                list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)), out_mm_kwargs,
+                kept)
+
+    @MULTIMODAL_REGISTRY.register_processor(OnevisionProcessor, info=lov.LlavaOnevisionProcessingInfo,
+                                            dummy_inputs=lov.LlavaOnevisionDummyInputsBuilder)
+    class OnevisionModel(PruningMixin, lov.LlavaOnevisionForConditionalGeneration):
+        """LLaVA-OneVision (no `SupportsMultiModalPruning` upstream): the packed image features (crops,
+        newlines) are selected after packing; the LLM numbers the shorter prompt's positions 1..L as vLLM
+        does for every 1-D RoPE model, which is `positions="compact"` on the transformers path. Videos are
+        served as vLLM serves them."""
+
+        vflowopt_family = FAMILIES["LlavaOnevisionForConditionalGeneration"]
+        vflowopt_mrope = False
+
+        def __init__(self, *, vllm_config, prefix: str = ""):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+            self._vflowopt_init()
+
+        def _vflowopt_new_pruner(self, plan: ServingPlan) -> _Pruner:
+            return CropImagePruner(plan, self.config, self.vision_tower.vision_model)
+
+        def _process_image_input(self, image_input):
+            pruner = self._vflowopt_current() if self.vflowopt_prunes_images else None
+            if pruner is None or image_input["type"] != "pixel_values":
+                return super()._process_image_input(image_input)
+            pruner.begin()
+            try:
+                packed = super()._process_image_input(image_input)
+            finally:
+                pruner.end()
+            sizes = image_input.get("image_sizes")
+            if sizes is None:  # as the parent: every image at the tower's size
+                side = self.config.vision_config.image_size
+                sizes = torch.tensor([[side, side]] * len(packed))
+            return pruner.select(list(packed), sizes, image_input["pixel_values"])
+
     built = {"Qwen2_5_VLForConditionalGeneration": Qwen2_5Model, "Qwen3VLForConditionalGeneration": Qwen3Model,
-             "Qwen2VLForConditionalGeneration": Qwen2Model}
+             "Qwen2VLForConditionalGeneration": Qwen2Model,
+             "LlavaOnevisionForConditionalGeneration": OnevisionModel}
     classes: dict[str, type] = {}
     for arch, cls in built.items():
         if arch in names:
