@@ -68,8 +68,9 @@ def run_batch(llm, prompt: str, images, max_tokens: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="a local folder or hub id vLLM can serve (Qwen2.5-VL or Qwen3-VL)")
-    src.add_argument("--tiny", choices=["qwen2_5_vl", "qwen3_vl"], help="build a tiny random model here")
+    src.add_argument("--model", help="a local folder or hub id vLLM can serve (a family the plugin prunes)")
+    src.add_argument("--tiny", choices=["qwen2_5_vl", "qwen3_vl", "qwen2_vl", "llava_onevision"],
+                     help="build a tiny random model here")
     ap.add_argument("--method", default="vflowopt")
     ap.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.1])
     ap.add_argument("--prompts", type=int, default=64)
@@ -88,13 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
     from vflowopt import config_for
     from vflowopt.serving import vllm as plugin
-    from vflowopt.serving.plan import ServingPlan
+    from vflowopt.serving.plan import FAMILIES, SERVED_POSITIONS, ServingPlan
+    from vflowopt.serving.vllm_compat import install
 
-    plans = {b: ServingPlan(config_for(args.method, budget=b), source=f"{args.method}@{b}") for b in args.budgets}
-    # start with a pruning plan: the runner then recomputes positions for every row (budget 1.0 included)
-    plugin.set_plan(ServingPlan(config_for(args.method, budget=0.5)))
-    plugin.register()
-
+    install()  # CPU-only machines: before anything imports transformers' torchvision-only modules
     model_dir = args.model
     if args.tiny:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -108,6 +106,18 @@ def main(argv: list[str] | None = None) -> int:
         del model
     else:
         proc = None
+    from transformers import AutoConfig
+
+    arch = (AutoConfig.from_pretrained(model_dir).architectures or [""])[0]
+    if arch not in FAMILIES:
+        ap.error(f"--model {model_dir}: architecture {arch or '(none)'} is not pruned by the plugin; "
+                 f"pruned: {', '.join(FAMILIES)}")
+    positions = SERVED_POSITIONS[FAMILIES[arch]]  # what vLLM realises for the family (LLaVA-OneVision: compact)
+    plans = {b: ServingPlan(config_for(args.method, budget=b, positions=positions), source=f"{args.method}@{b}")
+             for b in args.budgets}
+    # start with a pruning plan: the runner then recomputes positions for every row (budget 1.0 included)
+    plugin.set_plan(ServingPlan(config_for(args.method, budget=0.5, positions=positions)))
+    plugin.register()
     prompt = _prompt_for(model_dir, proc)
 
     from vllm import LLM

@@ -128,6 +128,7 @@ def test_llava_onevision_serves_compact_positions_only(method):
     with pytest.raises(ConfigError, match="positions='keep', but on llava_onevision .*consecutively.*"
                                           "save the strategy with positions='compact'"):
         ServingPlan(config_for(method, budget=0.5)).check_family("llava_onevision")
+    ServingPlan(config_for(method, budget=1.0)).check_family("llava_onevision")  # keeps all: either mode
 
 
 def test_attention_methods_are_refused_with_sharded_vision_heads():

@@ -2,7 +2,8 @@
 equals the transformers path with the same pre-LLM strategy on the same weights and image — the same kept
 token indices, the same greedy tokens, logprobs within LOGPROB_TOL — the prompt vLLM reports is shorter by
 the pruned count, and at budget 1.0 the output equals stock vLLM exactly (Qwen2.5-VL; the other families:
-the transformers path).
+the transformers path). LLaVA-OneVision's strategies say positions="compact" (what vLLM realises for a 1-D
+RoPE model, `SERVED_POSITIONS`); its newline tokens are kept, as on the transformers path.
 
 Runs only where vLLM is installed (`make test-vllm`, .venv-vllm); skipped elsewhere. One engine per family
 serves every case: the plan is switched between cases with `set_plan` and each case uses its own picture
@@ -24,7 +25,7 @@ pytest.importorskip("vllm.entrypoints.llm", reason="vLLM is installed only in .v
 import vflowopt  # noqa: E402
 from vflowopt import ConfigError, config_for  # noqa: E402
 from vflowopt.serving import vllm as plugin  # noqa: E402
-from vflowopt.serving.plan import ServingPlan  # noqa: E402
+from vflowopt.serving.plan import SERVED_POSITIONS, ServingPlan  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -48,8 +49,14 @@ CASES = [
     ("vflowopt", 0.5, {}, (120, 80)),
 ]
 IDENTITY_CASES = 2
-#: Qwen2.5-VL runs every case; the other families one case per method (the CI leg's time limit)
+#: Qwen2.5-VL and LLaVA-OneVision run every case; Qwen3-VL and Qwen2-VL one case per method (CI time)
 SHORT = {0, 4, 5, 7}
+FULL = ("qwen2_5_vl", "llava_onevision")
+
+
+def _plan(family: str, method: str, budget: float, **extra) -> ServingPlan:
+    """The strategy as a user would save it for `family` (its served `positions` mode)."""
+    return ServingPlan(config_for(method, budget=budget, positions=SERVED_POSITIONS[family], **extra))
 
 
 def _case_id(case) -> str:
@@ -97,7 +104,7 @@ def family_setup(tmp_path_factory, request):
         return json.loads(served_out.read_text())
 
     # the in-process engine starts with a pruning plan: the runner then recomputes M-RoPE positions
-    plugin.set_plan(ServingPlan(config_for("random", budget=0.5)))
+    plugin.set_plan(_plan(family, "random", 0.5))
     plugin.register()
     llm = engine.make_llm(str(model_dir))
     yield {"family": family, "model": model, "proc": proc, "llm": llm, "stock": stock_results,
@@ -118,10 +125,12 @@ def _image(size, i):
 
 
 def _kept(llm):
-    return llm.apply_model(lambda m: m.vflowopt_pruner.last_kept if m.vflowopt_pruner is not None else None)[0]
+    """(kept indices, (prunable, always kept) counts) of each image of the last vision pass."""
+    return llm.apply_model(lambda m: (m.vflowopt_pruner.last_kept, m.vflowopt_pruner.last_counts)
+                           if m.vflowopt_pruner is not None else None)[0]
 
 
-FAMILIES = ["qwen2_5_vl", "qwen3_vl", "qwen2_vl"]
+FAMILIES = ["qwen2_5_vl", "qwen3_vl", "qwen2_vl", "llava_onevision"]
 
 
 @pytest.mark.parametrize("family_setup", FAMILIES, indirect=True)
@@ -129,19 +138,22 @@ FAMILIES = ["qwen2_5_vl", "qwen3_vl", "qwen2_vl"]
 def test_plugin_equals_the_transformers_path(family_setup, case):
     method, budget, extra, size = case
     s = family_setup
-    if s["family"] != "qwen2_5_vl" and CASES.index(case) not in SHORT:
-        pytest.skip("run on Qwen2.5-VL only (one case per method on the other families)")
-    plan = ServingPlan(config_for(method, budget=budget, **extra))
+    if s["family"] not in FULL and CASES.index(case) not in SHORT:
+        pytest.skip("run on Qwen2.5-VL and LLaVA-OneVision only (one case per method on the other families)")
+    plan = _plan(s["family"], method, budget, **extra)
     plugin.set_plan(plan)
     image = _image(size, CASES.index(case) + IDENTITY_CASES)
     prompt = harness.prompt(s["proc"])
     hf = engine.hf_generate(s["model"], s["proc"], prompt, image, plan.config)
     got = engine.vllm_generate(s["llm"], prompt, image)
-    kept = _kept(s["llm"])
+    kept, counts = _kept(s["llm"])
     assert kept == [hf["kept"]], f"kept tokens differ: vLLM {kept}, transformers {hf['kept']}"
     assert len(hf["kept"]) >= 1
+    (n_prunable, n_fixed), = counts  # OneVision: its newlines are never pruned (Qwen-VL: none)
+    assert (n_fixed > 0) == (s["family"] == "llava_onevision")
     n_visual = hf["prompt_len"] - hf["tokens_into_llm"] + len(hf["kept"])
-    assert len(hf["kept"]) == plan.kept_tokens(n_visual)
+    assert n_prunable + n_fixed == n_visual
+    assert len(hf["kept"]) == n_fixed + plan.kept_tokens(n_prunable)
     assert got["prompt_len"] == hf["tokens_into_llm"] == hf["prompt_len"] - (n_visual - len(hf["kept"]))
     assert got["tokens"] == hf["tokens"]
     diff = max(abs(a - b) for a, b in zip(got["logprobs"], hf["logprobs"]))
@@ -170,7 +182,7 @@ def test_the_environment_variable_alone_configures_a_server(family_setup):
     s = family_setup
     image = engine.case_image(0)
     prompt = harness.prompt(s["proc"])
-    hf = engine.hf_generate(s["model"], s["proc"], prompt, image, ServingPlan(config_for("random", budget=0.5)).config)
+    hf = engine.hf_generate(s["model"], s["proc"], prompt, image, _plan(s["family"], "random", 0.5).config)
     got = s["served"]()[0]
     assert got["prompt_len"] == hf["tokens_into_llm"] < hf["prompt_len"]
     assert got["tokens"] == hf["tokens"]
@@ -183,7 +195,7 @@ def test_concurrent_requests_are_pruned_image_by_image(family_setup):
     from vllm import SamplingParams
 
     s = family_setup
-    plan = ServingPlan(config_for("vflowopt", budget=0.25))
+    plan = _plan(s["family"], "vflowopt", 0.25)
     plugin.set_plan(plan)
     prompt = harness.prompt(s["proc"])
     sizes = [(80, 120), (120, 80), (56, 56)]
@@ -199,19 +211,52 @@ def test_concurrent_requests_are_pruned_image_by_image(family_setup):
 
 @pytest.mark.parametrize("family_setup", FAMILIES, indirect=True)
 def test_a_strategy_for_another_family_is_refused(family_setup):
-    from vflowopt.serving.vllm_models import ImagePruner
+    family = family_setup["family"]
+    other = "qwen2_vl" if family == "llava_onevision" else "llava_onevision"
+    plan = ServingPlan(config_for("pool", budget=0.5, model_family=other, positions=SERVED_POSITIONS[other]))
+    wrong_positions = ServingPlan(config_for("pool", budget=0.5, positions="keep" if family == "llava_onevision"
+                                             else "compact"))
 
-    plan = ServingPlan(config_for("pool", budget=0.5, model_family="llava_onevision"))
-
-    def build(m):
+    def build(m, plan):
         try:
-            ImagePruner(plan, m.vflowopt_family, m.config, m.visual)
+            m._vflowopt_new_pruner(plan)
         except ConfigError as exc:
             return str(exc)
         return None
 
-    message = family_setup["llm"].apply_model(build)[0]
-    assert message is not None and "saved for a llava_onevision model" in message
+    message = family_setup["llm"].apply_model(lambda m: build(m, plan))[0]
+    assert message is not None and f"saved for a {other} model" in message
+    message = family_setup["llm"].apply_model(lambda m: build(m, wrong_positions))[0]
+    assert message is not None and f"on {family} the vLLM plugin" in message
+
+
+@pytest.mark.parametrize("family_setup", ["llava_onevision"], indirect=True)
+def test_llava_onevision_keeps_every_newline(family_setup):
+    """The newlines of a packed OneVision image (one per row of its unpadded, downscaled crop grid) all stay;
+    pruning reaches only the other tokens. A wide picture: its grid's rows differ from the square case."""
+    import torch
+
+    from vflowopt.models.llava_onevision import LlavaOnevisionAdapter
+
+    s = family_setup
+    plan = _plan("llava_onevision", "divprune", 0.25)
+    plugin.set_plan(plan)
+    prompt = harness.prompt(s["proc"])
+    image = engine.case_image(70).resize((150, 60))
+    hf = engine.hf_generate(s["model"], s["proc"], prompt, image, plan.config)
+    got = engine.vllm_generate(s["llm"], prompt, image)
+    kept, counts = _kept(s["llm"])
+    (n_prunable, n_fixed), = counts
+    assert kept == [hf["kept"]] and got["tokens"] == hf["tokens"]
+    # the newline positions as the transformers model packs them
+    batch = s["proc"](text=[prompt], images=[image], return_tensors="pt")
+    adapter = LlavaOnevisionAdapter(s["model"])
+    crops = batch["pixel_values"].shape[1]
+    mask = torch.ones(1, n_prunable + n_fixed, dtype=torch.bool)
+    newlines = (~adapter.layout(mask, {"image_sizes": batch["image_sizes"]}, crops).tokens.prunable[0]).nonzero()
+    assert len(newlines) == n_fixed >= 2
+    assert set(newlines.squeeze(-1).tolist()) <= set(kept[0])
+    assert len(kept[0]) == n_fixed + plan.kept_tokens(n_prunable) < n_prunable + n_fixed
 
 
 def test_vflowopt_serves_only_its_pre_llm_stage():

@@ -112,7 +112,7 @@ class ServingPlan:
 
     def check_family(self, family: str) -> None:
         """A strategy resolved for one family (its saved `model_family`) is refused on another, and so is a
-        `positions` mode vLLM cannot realise for the family (`SERVED_POSITIONS`)."""
+        `positions` mode vLLM cannot realise for the family (`SERVED_POSITIONS`) below budget 1.0."""
         saved = self.config.model_family
         where = self.source or "(in memory)"
         if saved is not None and saved != family:
@@ -120,7 +120,7 @@ class ServingPlan:
                               f"save a strategy for {family} (vflowopt optimize) or drop its model_family field")
         served = SERVED_POSITIONS.get(family, "keep")
         asked = getattr(self.config, "positions", "keep")
-        if asked != served:
+        if asked != served and not self.is_identity:  # budget 1.0 keeps every token: both modes are the same
             how = ("gives kept tokens their original M-RoPE positions" if served == "keep" else
                    "numbers the pruned prompt's positions consecutively (vLLM has no per-token position ids for "
                    "this model's 1-D RoPE)")
