@@ -56,8 +56,9 @@ def _text(tok, layers: int = TEXT_LAYERS, hidden: int = 64) -> dict:
     }
 
 
-def _onevision(tok, text_layers: int, text_hidden: int):
-    """(model, processor) of a tiny LLaVA-OneVision whose text model vLLM's CPU attention accepts."""
+def _onevision(tok, text_layers: int, text_hidden: int, max_image_tokens: int = 64):
+    """(model config, processor) of a tiny LLaVA-OneVision whose text model vLLM's CPU attention accepts.
+    `max_image_tokens` > 64 (the bench): anyres pinpoints up to 4×4 crops of 56 px instead of 2×2."""
     import transformers
 
     from vflowopt.tiny import CHATML_CHAT_TEMPLATE, load_asset_config, onevision_processor_class
@@ -69,6 +70,9 @@ def _onevision(tok, text_layers: int, text_hidden: int):
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}  # 1-D RoPE (no M-RoPE)
     raw["text_config"] = {"model_type": "qwen2", **text}
     raw["image_token_index"], raw["video_token_index"] = tok.image_token_id, tok.video_token_id
+    if max_image_tokens > 64:
+        side = raw["vision_config"]["image_size"]
+        raw["image_grid_pinpoints"] = [[side * i, side * j] for i in range(1, 5) for j in range(1, 5)]
     cfg = transformers.LlavaOnevisionConfig(**raw)
     vision = cfg.vision_config
     image_processor = transformers.LlavaOnevisionImageProcessorPil(
@@ -130,7 +134,7 @@ def build(family: str, seed: int = 0, *, text_layers: int = TEXT_LAYERS, text_hi
     tok = _tokenizer()
     mean, std, patch = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, 14
     if family == "llava_onevision":
-        cfg, proc = _onevision(tiny_tokenizer("chatml"), text_layers, text_hidden)
+        cfg, proc = _onevision(tiny_tokenizer("chatml"), text_layers, text_hidden, max_image_tokens)
         return _instantiate(transformers.LlavaOnevisionForConditionalGeneration, cfg, seed), proc
     if family == "qwen2_5_vl":
         cfg = transformers.Qwen2_5_VLConfig(text_config=_text(tok, text_layers, text_hidden), vision_config={
