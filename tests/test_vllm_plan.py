@@ -131,14 +131,17 @@ def test_llava_onevision_serves_compact_positions_only(method):
     ServingPlan(config_for(method, budget=1.0)).check_family("llava_onevision")  # keeps all: either mode
 
 
-def test_attention_methods_are_refused_with_sharded_vision_heads():
+def test_attention_methods_are_refused_only_when_images_are_split_over_ranks():
     from vflowopt.serving.vllm import check_tensor_parallel
 
     plan = ServingPlan(config_for("visionzip", budget=0.5))
     check_tensor_parallel(plan, needs_attention=True, tp_size=1)
-    check_tensor_parallel(plan, needs_attention=False, tp_size=4)
-    with pytest.raises(ConfigError, match="shards over the 2 tensor-parallel ranks.*--tensor-parallel-size 1"):
-        check_tensor_parallel(plan, needs_attention=True, tp_size=2)
+    check_tensor_parallel(plan, needs_attention=True, tp_size=4)  # sharded heads: averaged across the ranks
+    check_tensor_parallel(plan, needs_attention=False, tp_size=4, images_split=True)
+    check_tensor_parallel(plan, needs_attention=True, tp_size=1, images_split=True)
+    with pytest.raises(ConfigError, match="--mm-encoder-tp-mode data vLLM runs each image's vision pass on one of "
+                                          "the 2 ranks.*--mm-encoder-tp-mode weights"):
+        check_tensor_parallel(plan, needs_attention=True, tp_size=2, images_split=True)
 
 
 def test_an_uncovered_model_class_is_warned_about_once(caplog):

@@ -3,10 +3,13 @@
 Also runnable as a script, `python tests/vllm_plugin/engine.py MODEL_DIR FAMILY N_CASES OUT.json`: a vLLM run in its
 own process that loads the plugin through its entry point only, with or without VFLOWOPT_VLLM_CONFIG in the
 environment (without: stock vLLM, the reference for "budget 1.0 equals stock vLLM").
+`python tests/vllm_plugin/engine.py --tp MODEL_DIR FAMILY CASES.json OUT.json`: the cases of CASES.json at
+tensor parallelism 2 (two CPU worker processes), the plan switched in every process between cases.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -75,13 +78,69 @@ def case_image(i: int):
     return example_image(seed=100 + i)
 
 
-if __name__ == "__main__":
-    model_dir, family, n_cases, out_path = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import harness
+def _plan(spec: dict):
+    from vflowopt import config_for
+    from vflowopt.serving.plan import ServingPlan
 
+    return ServingPlan(config_for(spec["method"], budget=spec["budget"], **spec["fields"]))
+
+
+def _set_plan_in_worker(model, spec: dict) -> None:
+    from vflowopt.serving.plan import set_plan
+
+    set_plan(_plan(spec))
+
+
+def _kept_in_worker(model):
+    pruner = model.vflowopt_pruner
+    return None if pruner is None else [pruner.last_kept, pruner.last_counts]
+
+
+def tensor_parallel_run(model_dir: str, family: str, specs: list[dict]) -> list[dict]:
+    """Each case {method, budget, fields, size, image} at TP 2: greedy tokens, logprobs, prompt length and
+    every rank's kept tokens. The first case's strategy starts the engine through VFLOWOPT_VLLM_CONFIG (so
+    every worker process registers the plugin's classes); later cases switch the plan in this process (the
+    processor) and in the workers (`apply_model`, which needs VLLM_ALLOW_INSECURE_SERIALIZATION)."""
+    import tempfile
+
+    from vllm import LLM
+
+    import harness
+    from vflowopt.serving.plan import set_plan
+
+    cpus = sorted(os.sched_getaffinity(0))
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"{cpus[0]}|{cpus[1]}"  # one core per rank (one NUMA node here)
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    strategy = os.path.join(tempfile.mkdtemp(prefix="vflowopt_tp_"), "s.json")
+    _plan(specs[0]).config.save(strategy)
+    os.environ["VFLOWOPT_VLLM_CONFIG"] = strategy
     _, proc = harness.build(family)
-    llm = make_llm(model_dir)
-    results = [vllm_generate(llm, harness.prompt(proc), case_image(i)) for i in range(n_cases)]
+    llm = LLM(model=model_dir, tensor_parallel_size=2, distributed_executor_backend="mp", **engine_kwargs())
+    results = []
+    for spec in specs:
+        set_plan(_plan(spec))
+        llm.apply_model(functools.partial(_set_plan_in_worker, spec=spec))
+        image = case_image(spec["image"]).resize(tuple(spec["size"]))
+        got = vllm_generate(llm, harness.prompt(proc), image)
+        got["kept_per_rank"] = llm.apply_model(_kept_in_worker)
+        results.append(got)
+    return results
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    for key, value in ENGINE_ENV.items():
+        os.environ.setdefault(key, value)
+    if sys.argv[1] == "--tp":
+        model_dir, family, cases_path, out_path = sys.argv[2:6]
+        with open(cases_path) as f:
+            results = tensor_parallel_run(model_dir, family, json.load(f))
+    else:
+        model_dir, family, n_cases, out_path = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+        import harness
+
+        _, proc = harness.build(family)
+        llm = make_llm(model_dir)
+        results = [vllm_generate(llm, harness.prompt(proc), case_image(i)) for i in range(n_cases)]
     with open(out_path, "w") as f:
         json.dump(results, f)

@@ -259,6 +259,42 @@ def test_llava_onevision_keeps_every_newline(family_setup):
     assert len(kept[0]) == n_fixed + plan.kept_tokens(n_prunable) < n_prunable + n_fixed
 
 
+#: Tensor parallelism 2: the attention methods (heads averaged across the ranks) and one feature method
+TP_CASES = [
+    {"method": "vflowopt", "budget": 0.25, "fields": {"threshold": 1.5, "entropy_weight": 0.5}, "size": [80, 120],
+     "image": 80},
+    {"method": "visionzip", "budget": 0.5, "fields": {}, "size": [120, 80], "image": 81},
+    {"method": "divprune", "budget": 0.25, "fields": {}, "size": [80, 120], "image": 82},
+]
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_tensor_parallel_2_equals_the_transformers_path(tmp_path, family):
+    """`--tensor-parallel-size 2` (two CPU worker processes, each with half of the vision and text heads): both
+    ranks keep the same tokens, the ones `vflowopt.prune` keeps on one device, and generate the same text."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("TP 2 on vLLM's CPU backend binds one core per rank: needs 2 cores")
+    model, proc = harness.build(family)
+    model_dir = harness.save(model, proc, tmp_path / family)
+    specs = [{**c, "fields": {**c["fields"], "positions": SERVED_POSITIONS[family]}} for c in TP_CASES]
+    cases, out = tmp_path / "cases.json", tmp_path / "out.json"
+    cases.write_text(json.dumps(specs))
+    env = {k: v for k, v in os.environ.items() if k != "VFLOWOPT_VLLM_CONFIG"}
+    env.update(engine.ENGINE_ENV)
+    run = subprocess.run([sys.executable, str(HERE / "engine.py"), "--tp", str(model_dir), family, str(cases),
+                          str(out)], env=env, capture_output=True, timeout=600)
+    assert run.returncode == 0, run.stderr.decode()[-3000:]
+    prompt = harness.prompt(proc)
+    for spec, got in zip(specs, json.loads(out.read_text()), strict=True):
+        image = engine.case_image(spec["image"]).resize(tuple(spec["size"]))
+        hf = engine.hf_generate(model, proc, prompt, image, engine._plan(spec).config)
+        (kept0, _), (kept1, _) = got["kept_per_rank"]
+        assert kept0 == kept1 == [hf["kept"]], f"{spec['method']}: ranks {kept0} / {kept1}, transformers {hf['kept']}"
+        assert got["prompt_len"] == hf["tokens_into_llm"] < hf["prompt_len"]
+        assert got["tokens"] == hf["tokens"]
+        assert max(abs(a - b) for a, b in zip(got["logprobs"], hf["logprobs"])) <= LOGPROB_TOL
+
+
 def test_vflowopt_serves_only_its_pre_llm_stage():
     served = ServingPlan(vflowopt.VFlowOptConfig(budget=0.2, retention=(0.4, 0.5))).config
     assert served.retention == (0.2, 1.0, 1.0)

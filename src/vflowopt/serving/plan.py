@@ -176,11 +176,15 @@ def set_plan(plan: ServingPlan | None) -> None:
         _plan, _loaded = plan, True
 
 
-def check_tensor_parallel(plan: ServingPlan, needs_attention: bool, tp_size: int) -> None:
-    """Methods scoring from the vision attention are refused when the vision heads are sharded (TP > 1)."""
-    if needs_attention and tp_size > 1:
+def check_tensor_parallel(plan: ServingPlan, needs_attention: bool, tp_size: int, *,
+                          images_split: bool = False) -> None:
+    """Methods scoring from the vision attention at tensor parallelism: the heads vLLM shards over the ranks
+    are averaged across them (an all-reduce in the vision pass), so they are served; refused only where vLLM
+    runs each image's vision pass on one rank (`--mm-encoder-tp-mode data` on Qwen-VL: `images_split`)."""
+    if needs_attention and tp_size > 1 and images_split:
         raise ConfigError(
-            f"method '{plan.method}' scores from the vision encoder's attention, whose heads vLLM shards over "
-            f"the {tp_size} tensor-parallel ranks; the vLLM plugin does not gather them: serve it with "
-            "--tensor-parallel-size 1 (or use random, pool or divprune, which work with any TP size)"
+            f"method '{plan.method}' scores from the vision encoder's attention, but with --mm-encoder-tp-mode "
+            f"data vLLM runs each image's vision pass on one of the {tp_size} ranks, so the others never see its "
+            "attention: serve it with the default --mm-encoder-tp-mode weights (or use random, pool or divprune, "
+            "which work in either mode)"
         )

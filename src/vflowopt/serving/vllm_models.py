@@ -101,11 +101,12 @@ class _Pruner:
     """What every engine-side pruner shares: the plan checked for the family, the method's declared
     signals, the scored block's hook, and the per-image selection with its placeholder-count check."""
 
-    def __init__(self, plan: ServingPlan, family: str, adapter: ModelAdapter):
+    def __init__(self, plan: ServingPlan, family: str, adapter: ModelAdapter, tp_size: int = 1):
         self.plan = plan
         self.family = family
         plan.check_family(family)
         self.adapter = adapter
+        self.tp_size = int(tp_size)
         self.config = plan.config.resolve(adapter)
         _, method_cls = method_entry(self.config.method)
         method = method_cls(self.config, adapter)
@@ -123,6 +124,22 @@ class _Pruner:
 
     def _hook_attention(self, attn: torch.nn.Module, hook) -> None:
         self._hook = attn.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def _all_heads(self, parts: list[torch.Tensor], local_heads: int) -> list[torch.Tensor]:
+        """Averages over this rank's vision heads -> averages over every head of the layer. With tensor
+        parallelism vLLM shards the vision heads over the ranks (or, where they do not divide, gives every
+        rank all of them): the heads-weighted sum of the ranks' averages over the ranks' head counts is the
+        average over all heads in both cases, and the all-reduce gives every rank the same maps, so every
+        rank selects the same tokens. One collective per vision pass; nothing at TP 1."""
+        if self.tp_size <= 1 or not parts:
+            return parts
+        from vllm.distributed import tensor_model_parallel_all_reduce
+
+        flat = torch.cat([x.reshape(-1).float() * local_heads for x in parts]
+                         + [torch.full((1,), float(local_heads), device=parts[0].device)])
+        flat = tensor_model_parallel_all_reduce(flat)
+        flat = flat[:-1] / flat[-1]
+        return [x.view_as(p) for x, p in zip(torch.split(flat, [p.numel() for p in parts]), parts)]
 
     def close(self) -> None:
         """Remove the attention hook (the plan changed)."""
@@ -179,10 +196,11 @@ class ImagePruner(_Pruner):
     LLM, from the merger's output, the pixels and the scored block's (flat, all images) attention input."""
 
     def __init__(self, plan: ServingPlan, family: str, hf_config: Any, visual: torch.nn.Module,
-                 feature_width: int | None = None):
+                 feature_width: int | None = None, tp_size: int = 1):
         plan.check_family(family)
         # The adapter reads the transformers config and the vision blocks; vLLM's hf_config is that config.
-        super().__init__(plan, family, _ADAPTERS[family](SimpleNamespace(config=hf_config, visual=visual)))
+        super().__init__(plan, family, _ADAPTERS[family](SimpleNamespace(config=hf_config, visual=visual)),
+                         tp_size)
         self.merge = int(hf_config.vision_config.spatial_merge_size)
         self.visual = visual
         self.feature_width = feature_width  # None: the whole embedding row is the feature
@@ -216,9 +234,12 @@ class ImagePruner(_Pruner):
         self.adapter.on_vision_input((), {"grid_thw": self._grid})  # the adapter contract: this pass's images
         call = {"hidden_states": hidden, "cu_seqlens": kwargs["cu_seqlens"], "position_embeddings": (cos, sin)}
         with torch.no_grad():
-            self._maps = [m.cpu() for m in self.adapter.vision_attention_probs(self.view, (), call)]
+            maps = self._all_heads(list(self.adapter.vision_attention_probs(self.view, (), call)),
+                                   self.view.num_heads)
+            self._maps = [m.cpu() for m in maps]
             if self.needs_keys:
-                self._keys = [k.cpu() for k in vision_keys(self.adapter, self.view, (), call)]
+                keys = self._all_heads(list(vision_keys(self.adapter, self.view, (), call)), self.view.num_heads)
+                self._keys = [k.cpu() for k in keys]
 
     # -- selection ----------------------------------------------------------------------------------
     def select(self, embeds: tuple[torch.Tensor, ...], grid_thw: torch.Tensor,
@@ -255,13 +276,13 @@ class CropImagePruner(_Pruner):
     adapter's own, with transformers' `pack_image_features` (it reads only the config); newlines are never
     pruned, so an image keeps its newlines plus `round(budget·n)` of its n other tokens."""
 
-    def __init__(self, plan: ServingPlan, hf_config: Any, vision_model: torch.nn.Module):
+    def __init__(self, plan: ServingPlan, hf_config: Any, vision_model: torch.nn.Module, tp_size: int = 1):
         from transformers.models.llava_onevision import modeling_llava_onevision as hf_ov
 
         pack = functools.partial(hf_ov.LlavaOnevisionModel.pack_image_features, SimpleNamespace(config=hf_config))
         base = SimpleNamespace(vision_tower=vision_model, pack_image_features=pack)
         super().__init__(plan, "llava_onevision", LlavaOnevisionAdapter(SimpleNamespace(config=hf_config,
-                                                                                        model=base)))
+                                                                                        model=base)), tp_size)
         self._crops_of = functools.partial(hf_ov.image_size_to_num_patches,
                                            grid_pinpoints=hf_config.image_grid_pinpoints,
                                            patch_size=hf_config.vision_config.image_size)
@@ -284,14 +305,18 @@ class CropImagePruner(_Pruner):
             return
         hidden = kwargs.get("hidden_states", args[0] if args else None)  # (crops of every image, N, D)
         with torch.no_grad():
-            self._maps = self.adapter.vision_attention_probs(self.view, (), {"hidden_states": hidden}).cpu()
+            call = {"hidden_states": hidden}
+            self._maps = self._all_heads([self.adapter.vision_attention_probs(self.view, (), call)],
+                                         self.view.num_heads)[0].cpu()
             if self.needs_keys:
-                self._keys = vision_keys(self.adapter, self.view, (), {"hidden_states": hidden}).cpu()
+                self._keys = self._all_heads([vision_keys(self.adapter, self.view, (), call)],
+                                             self.view.num_heads)[0].cpu()
 
     def select(self, packed: list[torch.Tensor], image_sizes: torch.Tensor,
                pixel_values: torch.Tensor | list[torch.Tensor] | None) -> list[torch.Tensor]:
         """Per image: the kept rows of its packed embeddings (newlines included), in order."""
-        sizes = torch.as_tensor(image_sizes).reshape(-1, 2).to("cpu", torch.long)
+        # vLLM batches (h, w) sizes as one (B, 2) tensor or a list of (2,) tensors
+        sizes = torch.stack([torch.as_tensor(s).reshape(2) for s in image_sizes]).to("cpu", torch.long)
         self._check_signals(len(packed), None if self._maps is None else len(packed), pixel_values)
         # crops as vLLM stacked them for the tower (a batched tensor may carry padding crops) ...
         fed = [int(x.shape[0]) for x in pixel_values] if pixel_values is not None else None
@@ -408,9 +433,9 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
                     # positions
                     self.is_multimodal_pruning_enabled = True
 
-        def _vflowopt_new_pruner(self, plan: ServingPlan) -> _Pruner:
+        def _vflowopt_new_pruner(self, plan: ServingPlan, tp_size: int = 1) -> _Pruner:
             return ImagePruner(plan, self.vflowopt_family, self.config, self.visual,
-                               getattr(self, "visual_dim", None) if self.vflowopt_extra_channel else None)
+                               getattr(self, "visual_dim", None) if self.vflowopt_extra_channel else None, tp_size)
 
         def _vflowopt_current(self):
             """The pruner of the active plan (rebuilt when `set_plan` replaced it; None: keep every token)."""
@@ -420,10 +445,12 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
                     self.vflowopt_pruner.close()
                 self.vflowopt_pruner = None
                 if plan is not None:
-                    pruner = self._vflowopt_new_pruner(plan)
+                    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+                    pruner = self._vflowopt_new_pruner(plan, tp_size)
                     try:
-                        check_tensor_parallel(plan, pruner.needs_attention,
-                                              parallel_state.get_tensor_model_parallel_world_size())
+                        # Qwen-VL's data-parallel encoder mode runs each image on one rank only
+                        check_tensor_parallel(plan, pruner.needs_attention, tp_size,
+                                              images_split=bool(getattr(self, "use_data_parallel", False)))
                     except ConfigError:
                         pruner.close()
                         raise
@@ -644,8 +671,8 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
             super().__init__(vllm_config=vllm_config, prefix=prefix)
             self._vflowopt_init()
 
-        def _vflowopt_new_pruner(self, plan: ServingPlan) -> _Pruner:
-            return CropImagePruner(plan, self.config, self.vision_tower.vision_model)
+        def _vflowopt_new_pruner(self, plan: ServingPlan, tp_size: int = 1) -> _Pruner:
+            return CropImagePruner(plan, self.config, self.vision_tower.vision_model, tp_size)
 
         def _process_image_input(self, image_input):
             pruner = self._vflowopt_current() if self.vflowopt_prunes_images else None
