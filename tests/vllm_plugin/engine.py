@@ -103,9 +103,9 @@ def tensor_parallel_run(model_dir: str, family: str, specs: list[dict]) -> list[
     processor) and in the workers (`apply_model`, which needs VLLM_ALLOW_INSECURE_SERIALIZATION)."""
     import tempfile
 
+    import harness
     from vllm import LLM
 
-    import harness
     from vflowopt.serving.plan import set_plan
 
     cpus = sorted(os.sched_getaffinity(0))
