@@ -387,13 +387,13 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
 
 
     def pruning_prompt_updates(updates, out_mm_kwargs, kept=None):
-        """vLLM's prompt updates with each image's placeholders cut to the kept count: `kept(item_idx, n)`
+        """vLLM's prompt updates with each image's placeholders cut to the kept count: `kept(plan, item_idx, n)`
         (default: `plan.kept_tokens(n)`, every placeholder prunable). An image given as precomputed embeddings
         is refused here, as a request error, when the method needs the vision pass."""
         plan = active_plan()
         if plan is None or plan.is_identity:
             return updates
-        count = kept or (lambda item_idx, n: plan.kept_tokens(n))
+        count = kept or (lambda plan, item_idx, n: plan.kept_tokens(n))
         out = []
         for update in updates:
             if update.modality != "image":
@@ -408,7 +408,7 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
                 tokens = _full(item_idx)
                 if not isinstance(tokens, list):
                     raise PruningError(f"vflowopt: unexpected image replacement {type(tokens).__name__} from vLLM")
-                return tokens[: count(item_idx, len(tokens))]
+                return tokens[: count(plan, item_idx, len(tokens))]
 
             out.append(type(update)(modality=update.modality, target=update.target, replacement=replacement))
         return out
@@ -642,7 +642,7 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
         def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
             info = self.info
 
-            def kept(item_idx: int, n: int) -> int:
+            def kept(plan: ServingPlan, item_idx: int, n: int) -> int:
                 """An image's newlines (never pruned) plus round(budget·m) of its m other tokens."""
                 images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
                 if isinstance(images, ImageEmbeddingItems):
@@ -650,7 +650,7 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
                                      "so their newline tokens cannot be told apart; send the image itself")
                 size = images.get_image_size(item_idx)
                 newlines = onevision_newlines(info, size.width, size.height)
-                return newlines + active_plan().kept_tokens(n - newlines)
+                return newlines + plan.kept_tokens(n - newlines)
 
             return pruning_prompt_updates(
                 list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)), out_mm_kwargs,
