@@ -71,6 +71,13 @@ def hf_generate(model, proc, prompt: str, image, config=None) -> dict:
             handle.remove()
 
 
+def same_tokens(vllm_tokens: list[int], hf: dict) -> bool:
+    """vLLM runs with `ignore_eos` (always MAX_TOKENS tokens); transformers' generate() stops after an EOS (the
+    trained LLaVA answers in one word): the same greedy tokens through the last one transformers made."""
+    n = len(hf["tokens"])
+    return n >= 1 and vllm_tokens[:n] == hf["tokens"]
+
+
 def case_image(i: int):
     """A distinct picture per case (so no cache of a previous case can answer), 80x120 like example_image."""
     from vflowopt.tiny import example_image

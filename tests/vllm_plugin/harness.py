@@ -11,6 +11,8 @@ the shapes here differ from them:
 * LLaVA-OneVision: the SigLIP tower, projector and anyres pinpoints of the project's tiny OneVision
   (`assets/tiny_llava_onevision`), the text model above without M-RoPE, the plain chat template; `save`
   renames its vision keys (see `save`).
+* LLaVA-1.5: the trained VQA model the package ships (CLIP 224 px → 256 tokens, Qwen2 text, head_dim 32),
+  so answers and accuracy can be compared too; `save` renames its vision keys the same way.
 The processor is saved part by part: `ProcessorMixin.save_pretrained` cannot save a processor without a video
 processor (transformers' Qwen-VL video processors need torchvision, absent here).
 """
@@ -136,6 +138,10 @@ def build(family: str, seed: int = 0, *, text_layers: int = TEXT_LAYERS, text_hi
     if family == "llava_onevision":
         cfg, proc = _onevision(tiny_tokenizer("chatml"), text_layers, text_hidden, max_image_tokens)
         return _instantiate(transformers.LlavaOnevisionForConditionalGeneration, cfg, seed), proc
+    if family == "llava":  # trained weights: `seed` and the shape arguments do not apply
+        from vflowopt.vqa.model import load, shipped_model_path
+
+        return load(shipped_model_path())
     if family == "qwen2_5_vl":
         cfg = transformers.Qwen2_5_VLConfig(text_config=_text(tok, text_layers, text_hidden), vision_config={
             "depth": 4, "hidden_size": 32, "intermediate_size": 64, "out_hidden_size": text_hidden, "num_heads": 2,
@@ -165,13 +171,16 @@ def build(family: str, seed: int = 0, *, text_layers: int = TEXT_LAYERS, text_hi
 def save(model, proc, out: Path) -> Path:
     """Save a model and its processor where vLLM (and transformers) can load them.
 
-    LLaVA-OneVision: transformers 5.19 saves the SigLIP tower as `model.vision_tower.*`, while vLLM 0.32's
-    `SiglipVisionModel` loads `vision_tower.vision_model.*` (its weight mapper only strips `model.`): the
-    saved keys are renamed once to the nested form, which both libraries load."""
+    LLaVA-OneVision and LLaVA: transformers 5.19 saves the SigLIP / CLIP tower as `vision_tower.*`, while vLLM
+    0.32's `SiglipVisionModel` / `CLIPVisionModel` load `vision_tower.vision_model.*`: the saved keys are
+    renamed once to the nested form, which both libraries load."""
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    if model.config.model_type == "llava_onevision":
-        _nest_siglip_keys(out / "model.safetensors")
+    if model.config.model_type in ("llava_onevision", "llava"):
+        _nest_vision_keys(out / "model.safetensors")
+    if model.config.model_type == "llava":  # a processor with every slot filled: transformers saves it whole
+        proc.save_pretrained(out)
+        return out
     proc.tokenizer.save_pretrained(out)
     proc.image_processor.save_pretrained(out)
     (out / "chat_template.jinja").write_text(proc.chat_template)
@@ -186,7 +195,7 @@ def save(model, proc, out: Path) -> Path:
     return out
 
 
-def _nest_siglip_keys(path: Path) -> None:
+def _nest_vision_keys(path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     old, new = "vision_tower.", "vision_tower.vision_model."
@@ -197,5 +206,5 @@ def _nest_siglip_keys(path: Path) -> None:
 
 def prompt(proc, n_images: int = 1, question: str = QUESTION) -> str:
     content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
-    return proc.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                              add_generation_prompt=True)
+    return proc.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                    add_generation_prompt=True)

@@ -51,7 +51,7 @@ CASES = [
 IDENTITY_CASES = 2
 #: Qwen2.5-VL and LLaVA-OneVision run every case; Qwen3-VL and Qwen2-VL one case per method (CI time)
 SHORT = {0, 4, 5, 7}
-FULL = ("qwen2_5_vl", "llava_onevision")
+FULL = ("qwen2_5_vl", "llava_onevision", "llava")
 
 
 def _plan(family: str, method: str, budget: float, **extra) -> ServingPlan:
@@ -130,7 +130,7 @@ def _kept(llm):
                            if m.vflowopt_pruner is not None else None)[0]
 
 
-FAMILIES = ["qwen2_5_vl", "qwen3_vl", "qwen2_vl", "llava_onevision"]
+FAMILIES = ["qwen2_5_vl", "qwen3_vl", "qwen2_vl", "llava_onevision", "llava"]
 
 
 @pytest.mark.parametrize("family_setup", FAMILIES, indirect=True)
@@ -139,7 +139,7 @@ def test_plugin_equals_the_transformers_path(family_setup, case):
     method, budget, extra, size = case
     s = family_setup
     if s["family"] not in FULL and CASES.index(case) not in SHORT:
-        pytest.skip("run on Qwen2.5-VL and LLaVA-OneVision only (one case per method on the other families)")
+        pytest.skip("run on Qwen2.5-VL, LLaVA-OneVision and LLaVA only (one case per method on the other families)")
     plan = _plan(s["family"], method, budget, **extra)
     plugin.set_plan(plan)
     image = _image(size, CASES.index(case) + IDENTITY_CASES)
@@ -155,7 +155,7 @@ def test_plugin_equals_the_transformers_path(family_setup, case):
     assert n_prunable + n_fixed == n_visual
     assert len(hf["kept"]) == n_fixed + plan.kept_tokens(n_prunable)
     assert got["prompt_len"] == hf["tokens_into_llm"] == hf["prompt_len"] - (n_visual - len(hf["kept"]))
-    assert got["tokens"] == hf["tokens"]
+    assert engine.same_tokens(got["tokens"], hf)
     diff = max(abs(a - b) for a, b in zip(got["logprobs"], hf["logprobs"]))
     assert diff <= LOGPROB_TOL, f"logprobs differ by {diff}"
 
@@ -172,7 +172,7 @@ def test_budget_one_equals_stock_vllm(family_setup):
         if stock is not None:
             assert got == stock[i]  # tokens, logprobs and prompt length, exactly
         hf = engine.hf_generate(s["model"], s["proc"], prompt, image)
-        assert got["tokens"] == hf["tokens"] and got["prompt_len"] == hf["prompt_len"]
+        assert engine.same_tokens(got["tokens"], hf) and got["prompt_len"] == hf["prompt_len"]
         assert max(abs(a - b) for a, b in zip(got["logprobs"], hf["logprobs"])) <= LOGPROB_TOL
 
 
@@ -185,7 +185,7 @@ def test_the_environment_variable_alone_configures_a_server(family_setup):
     hf = engine.hf_generate(s["model"], s["proc"], prompt, image, _plan(s["family"], "random", 0.5).config)
     got = s["served"]()[0]
     assert got["prompt_len"] == hf["tokens_into_llm"] < hf["prompt_len"]
-    assert got["tokens"] == hf["tokens"]
+    assert engine.same_tokens(got["tokens"], hf)
     assert max(abs(a - b) for a, b in zip(got["logprobs"], hf["logprobs"])) <= LOGPROB_TOL
 
 
@@ -206,16 +206,16 @@ def test_concurrent_requests_are_pruned_image_by_image(family_setup):
     for image, out in zip(images, outs):
         hf = engine.hf_generate(s["model"], s["proc"], prompt, image, plan.config)
         assert len(out.prompt_token_ids) == hf["tokens_into_llm"]
-        assert list(out.outputs[0].token_ids) == hf["tokens"]
+        assert engine.same_tokens(list(out.outputs[0].token_ids), hf)
 
 
 @pytest.mark.parametrize("family_setup", FAMILIES, indirect=True)
 def test_a_strategy_for_another_family_is_refused(family_setup):
     family = family_setup["family"]
-    other = "qwen2_vl" if family == "llava_onevision" else "llava_onevision"
+    other = "qwen2_vl" if family.startswith("llava") else "llava_onevision"
     plan = ServingPlan(config_for("pool", budget=0.5, model_family=other, positions=SERVED_POSITIONS[other]))
-    wrong_positions = ServingPlan(config_for("pool", budget=0.5, positions="keep" if family == "llava_onevision"
-                                             else "compact"))
+    wrong_positions = ServingPlan(config_for("pool", budget=0.5, positions="keep" if SERVED_POSITIONS[family] ==
+                                             "compact" else "compact"))
 
     def build(m, plan):
         try:
@@ -247,7 +247,7 @@ def test_llava_onevision_keeps_every_newline(family_setup):
     got = engine.vllm_generate(s["llm"], prompt, image)
     kept, counts = _kept(s["llm"])
     (n_prunable, n_fixed), = counts
-    assert kept == [hf["kept"]] and got["tokens"] == hf["tokens"]
+    assert kept == [hf["kept"]] and engine.same_tokens(got["tokens"], hf)
     # the newline positions as the transformers model packs them
     batch = s["proc"](text=[prompt], images=[image], return_tensors="pt")
     adapter = LlavaOnevisionAdapter(s["model"])
@@ -259,6 +259,35 @@ def test_llava_onevision_keeps_every_newline(family_setup):
     assert len(kept[0]) == n_fixed + plan.kept_tokens(n_prunable) < n_prunable + n_fixed
 
 
+@pytest.mark.parametrize("family_setup", ["llava"], indirect=True)
+def test_the_shipped_vqa_model_answers_in_vllm_as_on_the_transformers_path(family_setup):
+    """The trained model the package ships (LLaVA-1.5 shape), 40 questions of its procedural VQA task: at each
+    strategy vLLM gives every answer `vflowopt.prune` gives, so the accuracy is the same."""
+    from vllm import SamplingParams
+
+    from vflowopt.tiny import build_inputs
+    from vflowopt.vqa.evaluate import answer_questions, make_eval_set
+
+    s = family_setup
+    items = make_eval_set(40, 0, "test")
+    _, texts = build_inputs(s["proc"], [it["image"] for it in items], [it["question"] for it in items],
+                            return_text=True)
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    lengths = [len(s["proc"](text=[t], images=[it["image"]])["input_ids"][0]) for t, it in zip(texts, items)]
+    full = answer_questions(s["model"], s["proc"], items)
+    for method, budget in (("random", 0.25), ("visionzip", 0.25), ("vflowopt", 0.1)):
+        plan = _plan("llava", method, budget)
+        plugin.set_plan(plan)
+        outs = s["llm"].generate([{"prompt": t, "multi_modal_data": {"image": it["image"]}}
+                                  for t, it in zip(texts, items)], params, use_tqdm=False)
+        got = [s["proc"].tokenizer.convert_ids_to_tokens(o.outputs[0].token_ids[0]) for o in outs]
+        with vflowopt.pruned(s["model"], plan.config):
+            want = answer_questions(s["model"], s["proc"], items)
+        assert got == want, f"{method} {budget}: answers differ"
+        assert got != full  # the pruning reached the answers
+        assert [len(o.prompt_token_ids) for o in outs] == [n - 256 + plan.kept_tokens(256) for n in lengths]
+
+
 #: Tensor parallelism 2: the attention methods (heads averaged across the ranks) and one feature method
 TP_CASES = [
     {"method": "vflowopt", "budget": 0.25, "fields": {"threshold": 1.5, "entropy_weight": 0.5}, "size": [80, 120],
@@ -268,7 +297,7 @@ TP_CASES = [
 ]
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision", "llava"])
 def test_tensor_parallel_2_equals_the_transformers_path(tmp_path, family):
     """`--tensor-parallel-size 2` (two CPU worker processes, each with half of the vision and text heads): both
     ranks keep the same tokens, the ones `vflowopt.prune` keeps on one device, and generate the same text."""
@@ -291,7 +320,7 @@ def test_tensor_parallel_2_equals_the_transformers_path(tmp_path, family):
         (kept0, _), (kept1, _) = got["kept_per_rank"]
         assert kept0 == kept1 == [hf["kept"]], f"{spec['method']}: ranks {kept0} / {kept1}, transformers {hf['kept']}"
         assert got["prompt_len"] == hf["tokens_into_llm"] < hf["prompt_len"]
-        assert got["tokens"] == hf["tokens"]
+        assert engine.same_tokens(got["tokens"], hf)
         assert max(abs(a - b) for a, b in zip(got["logprobs"], hf["logprobs"])) <= LOGPROB_TOL
 
 

@@ -149,19 +149,26 @@ class ModelAdapter:
         """Entropy of the pixel region of every ViT token, shaped like the attention maps (no CLS)."""
         return patch_entropy(pixel_values, self.patch_size, mean, std)
 
+    @property
+    def num_vision_layers(self) -> int:
+        """Layers of the vision encoder as configured: the count negative layer indices refer to (a serving
+        engine may build only the layers up to the feature layer, so `len(vision_layers)` can be smaller)."""
+        n = getattr(self.config.vision_config, "num_hidden_layers", None)
+        return int(n) if isinstance(n, int) else len(self.vision_layers)
+
     def feature_layer(self) -> int:
         """Index of the vision-encoder layer whose output becomes the image features."""
         layer = self.config.vision_feature_layer
         if not isinstance(layer, int):
-            layer = max(layer, key=lambda i: i % (len(self.vision_layers) + 1))
-        n_hidden = len(self.vision_layers) + 1  # hidden_states[0] is the embeddings
+            layer = max(layer, key=lambda i: i % (self.num_vision_layers + 1))
+        n_hidden = self.num_vision_layers + 1  # hidden_states[0] is the embeddings
         index = layer % n_hidden
         if index == 0:
             raise ConfigError("vision_feature_layer selects the patch embeddings; no attention layer to score")
         return index - 1
 
     def check_vision_layer(self, layer: int) -> int:
-        n = len(self.vision_layers)
+        n = self.num_vision_layers
         if not isinstance(layer, int) or isinstance(layer, bool) or not -n <= layer < n:
             raise ConfigError(
                 f"vision_layer must be an integer in [{-n}, {n - 1}] for this vision tower, got {layer!r}"

@@ -49,16 +49,18 @@ FAMILIES: dict[str, str] = {
     "Qwen3VLForConditionalGeneration": "qwen3_vl",
     "Qwen2VLForConditionalGeneration": "qwen2_vl",
     "LlavaOnevisionForConditionalGeneration": "llava_onevision",
+    "LlavaForConditionalGeneration": "llava",
 }
 
 #: The `positions` mode vLLM realises per family. Qwen-VL (M-RoPE): each kept token carries its original
-#: position ("keep"). LLaVA-OneVision (1-D RoPE): vLLM numbers the pruned prompt's tokens 1..L and has no
-#: per-token position ids for this model, which is "compact".
+#: position ("keep"). LLaVA-1.5 and LLaVA-OneVision (1-D RoPE): vLLM numbers the pruned prompt's tokens 1..L
+#: and has no per-token position ids for these models, which is "compact".
 SERVED_POSITIONS: dict[str, str] = {
     "qwen2_5_vl": "keep",
     "qwen3_vl": "keep",
     "qwen2_vl": "keep",
     "llava_onevision": "compact",
+    "llava": "compact",
 }
 
 

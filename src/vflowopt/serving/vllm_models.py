@@ -19,6 +19,7 @@ import torch
 from ..errors import ConfigError, PruningError
 from ..methods.base import select_before_llm
 from ..models.base import ModelAdapter, TokenLayout
+from ..models.llava import LlavaAdapter
 from ..models.llava_onevision import LlavaOnevisionAdapter
 from ..models.qwen2_5_vl import Qwen2_5_VLAdapter
 from ..models.qwen2_vl import Qwen2VLAdapter
@@ -64,9 +65,9 @@ def hf_rotary(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> tuple[torc
     return cos, sin
 
 
-class SiglipAttentionView:
-    """A vLLM SigLIP attention (one fused `qkv_proj`, [q | k | v] along the last dim) seen as the transformers
-    module the signal code reads: `q_proj(x)`, `k_proj(x)`, `num_heads` (this rank's heads), `head_dim`,
+class FusedQKVAttentionView:
+    """A vLLM CLIP / SigLIP attention (one fused `qkv_proj`, [q | k | v] along the last dim) seen as the
+    transformers module the signal code reads: `q_proj(x)`, `k_proj(x)`, `num_heads` (this rank's heads), `head_dim`,
     `scale`. The fused projection is computed once per input."""
 
     def __init__(self, attn: torch.nn.Module):
@@ -271,25 +272,28 @@ class ImagePruner(_Pruner):
 
 
 class CropImagePruner(_Pruner):
-    """LLaVA-OneVision: each image is a base crop plus anyres crops through the SigLIP tower, packed by the
-    model (unpadding, downscaling, one newline per row of the crop grid). The layout is the transformers
-    adapter's own, with transformers' `pack_image_features` (it reads only the config); newlines are never
-    pruned, so an image keeps its newlines plus `round(budget·n)` of its n other tokens."""
+    """Towers that run every image as crops of one batch (CLIP / SigLIP: LLaVA-1.5, LLaVA-OneVision): the
+    scored layer's attention input is (crops of every image, N, D); each image is selected from its
+    projected (and, OneVision, packed) features with the transformers adapter's own layout."""
 
-    def __init__(self, plan: ServingPlan, hf_config: Any, vision_model: torch.nn.Module, tp_size: int = 1):
-        from transformers.models.llava_onevision import modeling_llava_onevision as hf_ov
-
-        pack = functools.partial(hf_ov.LlavaOnevisionModel.pack_image_features, SimpleNamespace(config=hf_config))
-        base = SimpleNamespace(vision_tower=vision_model, pack_image_features=pack)
-        super().__init__(plan, "llava_onevision", LlavaOnevisionAdapter(SimpleNamespace(config=hf_config,
-                                                                                        model=base)), tp_size)
-        self._crops_of = functools.partial(hf_ov.image_size_to_num_patches,
-                                           grid_pinpoints=hf_config.image_grid_pinpoints,
-                                           patch_size=hf_config.vision_config.image_size)
+    def __init__(self, plan: ServingPlan, family: str, adapter: ModelAdapter, tp_size: int = 1):
+        super().__init__(plan, family, adapter, tp_size)
         if self.attention_layer is not None:
+            built = len(self.adapter.vision_layers)
+            if self.attention_layer >= built:
+                raise ConfigError(f"vflowopt: method '{plan.method}' scores vision layer {self.attention_layer}, but "
+                                  f"vLLM builds only the {built} layers up to the feature layer; choose a "
+                                  f"vision_layer below {built}")
             attn = self.adapter.vision_attention(self.attention_layer)
-            self.view = SiglipAttentionView(attn)
+            self.view = FusedQKVAttentionView(attn)
             self._hook_attention(attn, self._on_attention)
+
+    def crops_of(self, size: list[int]) -> int:
+        """Crops of an image of (h, w) px as the model uses them."""
+        return 1
+
+    def layout_kwargs(self, sizes: torch.Tensor | None, i: int) -> dict:
+        return {}
 
     def begin(self) -> None:
         self._capturing = True
@@ -312,32 +316,69 @@ class CropImagePruner(_Pruner):
                 self._keys = self._all_heads([vision_keys(self.adapter, self.view, (), call)],
                                              self.view.num_heads)[0].cpu()
 
-    def select(self, packed: list[torch.Tensor], image_sizes: torch.Tensor,
+    def select(self, features: list[torch.Tensor], image_sizes: torch.Tensor | list | None,
                pixel_values: torch.Tensor | list[torch.Tensor] | None) -> list[torch.Tensor]:
-        """Per image: the kept rows of its packed embeddings (newlines included), in order."""
-        # vLLM batches (h, w) sizes as one (B, 2) tensor or a list of (2,) tensors
-        sizes = torch.stack([torch.as_tensor(s).reshape(2) for s in image_sizes]).to("cpu", torch.long)
-        self._check_signals(len(packed), None if self._maps is None else len(packed), pixel_values)
+        """Per image: the kept rows of its features (OneVision: packed, newlines included), in order."""
+        sizes = None
+        if image_sizes is not None:  # vLLM batches (h, w) sizes as one (B, 2) tensor or a list of (2,) tensors
+            sizes = torch.stack([torch.as_tensor(s).reshape(2) for s in image_sizes]).to("cpu", torch.long)
+        self._check_signals(len(features), None if self._maps is None else len(features), pixel_values)
         # crops as vLLM stacked them for the tower (a batched tensor may carry padding crops) ...
-        fed = [int(x.shape[0]) for x in pixel_values] if pixel_values is not None else None
-        starts = [0] + torch.tensor(fed).cumsum(0).tolist() if fed else None
-        if self._maps is not None and fed is not None and sum(fed) != self._maps.shape[0]:
-            raise PruningError(f"vflowopt: the vision pass saw {self._maps.shape[0]} crops, the images have {sum(fed)}")
+        stacks = None
+        if pixel_values is not None:
+            stacks = [x if x.dim() == 4 else x[None] for x in pixel_values]
+        starts = [0] + torch.tensor([x.shape[0] for x in stacks]).cumsum(0).tolist() if stacks else None
+        if self._maps is not None and stacks is not None and starts[-1] != self._maps.shape[0]:
+            raise PruningError(f"vflowopt: the vision pass saw {self._maps.shape[0]} crops, the images have "
+                               f"{starts[-1]}")
         out = []
         self.last_kept, self.last_counts = [], []
-        for i, emb in enumerate(packed):
-            n_crops = int(self._crops_of(sizes[i].tolist()))  # ... and as the model uses them
+        for i, emb in enumerate(features):
+            n_crops = int(self.crops_of(sizes[i].tolist())) if sizes is not None else 1  # ... as the model uses them
             signals: dict[str, Any] = {}
             if self.needs_pixels:
-                signals["pixel_values"] = pixel_values[i][:n_crops].float()
+                signals["pixel_values"] = stacks[i][:n_crops].float()
             if self.needs_attention:
                 signals["vision_attention"] = self._maps[starts[i] : starts[i] + n_crops].to(emb.device)
             if self.needs_keys:
                 signals["vision_keys"] = self._keys[starts[i] : starts[i] + n_crops].to(emb.device)
             mask = torch.ones(1, emb.shape[0], dtype=torch.bool, device=emb.device)
-            layout = self.adapter.layout(mask, {"image_sizes": sizes[i : i + 1]}, n_crops)
+            layout = self.adapter.layout(mask, self.layout_kwargs(sizes, i), n_crops)
             out.append(self._select_one(emb, layout, signals)[0])
         return out
+
+
+class OnevisionImagePruner(CropImagePruner):
+    """LLaVA-OneVision: each image is a base crop plus anyres crops through the SigLIP tower, packed by the
+    model (unpadding, downscaling, one newline per row of the crop grid). The layout is the transformers
+    adapter's own, with transformers' `pack_image_features` (it reads only the config); newlines are never
+    pruned, so an image keeps its newlines plus `round(budget·n)` of its n other tokens."""
+
+    def __init__(self, plan: ServingPlan, hf_config: Any, vision_model: torch.nn.Module, tp_size: int = 1):
+        from transformers.models.llava_onevision import modeling_llava_onevision as hf_ov
+
+        pack = functools.partial(hf_ov.LlavaOnevisionModel.pack_image_features, SimpleNamespace(config=hf_config))
+        base = SimpleNamespace(vision_tower=vision_model, pack_image_features=pack)
+        super().__init__(plan, "llava_onevision", LlavaOnevisionAdapter(SimpleNamespace(config=hf_config,
+                                                                                        model=base)), tp_size)
+        self._crops_of = functools.partial(hf_ov.image_size_to_num_patches,
+                                           grid_pinpoints=hf_config.image_grid_pinpoints,
+                                           patch_size=hf_config.vision_config.image_size)
+
+    def crops_of(self, size: list[int]) -> int:
+        return int(self._crops_of(size))
+
+    def layout_kwargs(self, sizes: torch.Tensor | None, i: int) -> dict:
+        return {"image_sizes": sizes[i : i + 1]}
+
+
+class LlavaImagePruner(CropImagePruner):
+    """LLaVA-1.5: one crop per image through the CLIP (or SigLIP) tower, one square grid of tokens; the CLS
+    token is in the scored layer's input and never a visual token ("default" feature strategy)."""
+
+    def __init__(self, plan: ServingPlan, hf_config: Any, vision_model: torch.nn.Module, tp_size: int = 1):
+        base = SimpleNamespace(vision_tower=vision_model)
+        super().__init__(plan, "llava", LlavaAdapter(SimpleNamespace(config=hf_config, model=base)), tp_size)
 
 
 #: Methods that need the vision pass itself (its attention), not only the merged features.
@@ -672,7 +713,7 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
             self._vflowopt_init()
 
         def _vflowopt_new_pruner(self, plan: ServingPlan, tp_size: int = 1) -> _Pruner:
-            return CropImagePruner(plan, self.config, self.vision_tower.vision_model, tp_size)
+            return OnevisionImagePruner(plan, self.config, self.vision_tower.vision_model, tp_size)
 
         def _process_image_input(self, image_input):
             pruner = self._vflowopt_current() if self.vflowopt_prunes_images else None
@@ -689,9 +730,57 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
                 sizes = torch.tensor([[side, side]] * len(packed))
             return pruner.select(list(packed), sizes, image_input["pixel_values"])
 
+    from vllm.model_executor.models import llava as llv
+
+    class LlavaProcessor(llv.LlavaMultiModalProcessor):
+        def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+            return pruning_prompt_updates(
+                list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)), out_mm_kwargs)
+
+    def llava_processor(info, dummy_inputs):
+        """vLLM's LLaVA factory, with the pruning processor for CLIP / SigLIP towers (Pixtral-HF: vLLM's own)."""
+        if isinstance(info, llv.LlavaProcessingInfo):
+            return LlavaProcessor(info, dummy_inputs)
+        return llv._build_llava_or_pixtral_hf_processor(info, dummy_inputs)
+
+    @MULTIMODAL_REGISTRY.register_processor(llava_processor, info=llv._build_llava_or_pixtral_hf_info,
+                                            dummy_inputs=llv.LlavaDummyInputsBuilder)
+    class LlavaModel(PruningMixin, llv.LlavaForConditionalGeneration):
+        """LLaVA-1.5 (CLIP or SigLIP tower, one grid of tokens per image; no `SupportsMultiModalPruning`
+        upstream): the projected features are selected image by image; like LLaVA-OneVision its 1-D RoPE LLM
+        numbers the shorter prompt consecutively (`positions="compact"`). A Pixtral-HF tower (same vLLM class)
+        is served unpruned with one warning."""
+
+        vflowopt_family = FAMILIES["LlavaForConditionalGeneration"]
+        vflowopt_mrope = False
+
+        def __init__(self, *, vllm_config, prefix: str = ""):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+            if self.config.vision_config.model_type not in ("clip_vision_model", "siglip_vision_model"):
+                from .vllm import warn_uncovered
+
+                warn_uncovered(f"LlavaForConditionalGeneration with a {self.config.vision_config.model_type} tower")
+                self.vflowopt_pruner, self._vflowopt_plan, self.vflowopt_prunes_images = None, None, False
+                return
+            self._vflowopt_init()
+
+        def _vflowopt_new_pruner(self, plan: ServingPlan, tp_size: int = 1) -> _Pruner:
+            return LlavaImagePruner(plan, self.config, self.vision_tower.vision_model, tp_size)
+
+        def _process_image_input(self, image_input):
+            pruner = self._vflowopt_current() if self.vflowopt_prunes_images else None
+            if pruner is None or image_input["type"] != "pixel_values":
+                return super()._process_image_input(image_input)
+            pruner.begin()
+            try:
+                features = super()._process_image_input(image_input)
+            finally:
+                pruner.end()
+            return tuple(pruner.select(list(features), None, image_input["pixel_values"]))
+
     built = {"Qwen2_5_VLForConditionalGeneration": Qwen2_5Model, "Qwen3VLForConditionalGeneration": Qwen3Model,
              "Qwen2VLForConditionalGeneration": Qwen2Model,
-             "LlavaOnevisionForConditionalGeneration": OnevisionModel}
+             "LlavaOnevisionForConditionalGeneration": OnevisionModel, "LlavaForConditionalGeneration": LlavaModel}
     classes: dict[str, type] = {}
     for arch, cls in built.items():
         if arch in names:
