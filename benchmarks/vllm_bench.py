@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a local folder or hub id vLLM can serve (a family the plugin prunes)")
-    src.add_argument("--tiny", choices=["qwen2_5_vl", "qwen3_vl", "qwen2_vl", "llava_onevision"],
-                     help="build a tiny random model here")
+    src.add_argument("--tiny", choices=["qwen2_5_vl", "qwen3_vl", "qwen2_vl", "llava_onevision", "llava"],
+                     help="build a tiny random model here (llava: the shipped trained VQA model)")
     ap.add_argument("--method", default="vflowopt")
     ap.add_argument("--budgets", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.1])
     ap.add_argument("--prompts", type=int, default=64)
@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             offset += args.prompts
     load = os.getloadavg()[0]
     shape = f" (random weights, text hidden {args.tiny_text[0]} x {args.tiny_text[1]} layers)" if args.tiny else ""
+    if args.tiny == "llava":
+        shape = " (the shipped trained VQA model: CLIP 224 px, 256 visual tokens, text hidden 128 x 8 layers)"
     result = {"model": (args.model or f"tiny {args.tiny}") + shape, "method": args.method,
               "prompts": args.prompts, "max_tokens": args.max_tokens, "image_size": list(size),
               "rounds": args.rounds, "dtype": args.dtype, "cpu_count": os.cpu_count(), "loadavg_1min": load,
