@@ -9,6 +9,7 @@ strategy's family check, and the placeholder-count arithmetic.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Mapping
@@ -17,6 +18,8 @@ from dataclasses import dataclass, replace
 from ..budget import keep_count
 from ..config import PruneConfig, load_config
 from ..errors import ConfigError
+
+logger = logging.getLogger("vflowopt.serving")
 
 #: The environment variable naming the strategy file (a JSON saved by `cfg.save()` / `vflowopt optimize`).
 ENV_VAR = "VFLOWOPT_VLLM_CONFIG"
@@ -190,3 +193,15 @@ def check_tensor_parallel(plan: ServingPlan, needs_attention: bool, tp_size: int
             "attention: serve it with the default --mm-encoder-tp-mode weights (or use random, pool or divprune, "
             "which work in either mode)"
         )
+
+
+_warned_uncovered: set[str] = set()
+
+
+def warn_uncovered(class_name: str) -> None:
+    """One warning per model class the plugin does not prune (it is then served unpruned)."""
+    if class_name in _warned_uncovered:
+        return
+    _warned_uncovered.add(class_name)
+    logger.warning("vflowopt: %s is set but the vLLM plugin does not prune %s (covered: %s); serving it unpruned",
+                   ENV_VAR, class_name, ", ".join(FAMILIES))

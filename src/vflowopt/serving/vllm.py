@@ -28,14 +28,12 @@ import functools
 import logging
 from typing import Any
 
-from .plan import FAMILIES, active_plan, check_tensor_parallel, set_plan
+from .plan import FAMILIES, active_plan, check_tensor_parallel, set_plan, warn_uncovered
 
 __all__ = ["CLASS_NAMES", "active_plan", "check_tensor_parallel", "model_classes", "register", "set_plan",
            "warn_uncovered"]
 
 logger = logging.getLogger("vflowopt.serving")
-
-_warned_uncovered: set[str] = set()
 
 #: Public names of the model subclasses (served lazily by `__getattr__`), per vLLM architecture.
 CLASS_NAMES: dict[str, str] = {arch: f"VFlowOpt{arch}" for arch in FAMILIES}
@@ -103,15 +101,6 @@ def _patch_model_runners() -> None:
 
         load_model._vflowopt = True
         cls.load_model = load_model
-
-
-def warn_uncovered(class_name: str) -> None:
-    """One warning per model class the plugin does not prune (it is then served unpruned)."""
-    if class_name in _warned_uncovered:
-        return
-    _warned_uncovered.add(class_name)
-    logger.warning("vflowopt: %s is set but the vLLM plugin does not prune %s (covered: %s); serving it unpruned",
-                   "VFLOWOPT_VLLM_CONFIG", class_name, ", ".join(FAMILIES))
 
 
 @functools.cache

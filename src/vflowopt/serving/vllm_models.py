@@ -26,7 +26,7 @@ from ..models.qwen2_vl import Qwen2VLAdapter
 from ..models.qwen3_vl import Qwen3VLAdapter
 from ..registry import method_entry
 from ..signals.vision_keys import vision_keys
-from .plan import FAMILIES, ServingPlan, active_plan, check_tensor_parallel
+from .plan import FAMILIES, ServingPlan, active_plan, check_tensor_parallel, warn_uncovered
 
 logger = logging.getLogger("vflowopt.serving")
 
@@ -757,8 +757,6 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
         def __init__(self, *, vllm_config, prefix: str = ""):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
             if self.config.vision_config.model_type not in ("clip_vision_model", "siglip_vision_model"):
-                from .vllm import warn_uncovered
-
                 warn_uncovered(f"LlavaForConditionalGeneration with a {self.config.vision_config.model_type} tower")
                 self.vflowopt_pruner, self._vflowopt_plan, self.vflowopt_prunes_images = None, None, False
                 return
