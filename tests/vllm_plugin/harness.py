@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 
 from vflowopt.tiny import CHATML_CHAT_TEMPLATE, tiny_tokenizer
+from vflowopt.vqa.model import nest_vision_tower_keys
+from vflowopt.vqa.model import save as vqa_save
 
 IMAGE_ITEM = "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'video' %}<video>\n{% endif %}"
 VISION_ITEM = ("{% if item['type'] == 'image' %}<|vision_start|><image><|vision_end|>\n"
@@ -173,14 +175,13 @@ def save(model, proc, out: Path) -> Path:
 
     LLaVA-OneVision and LLaVA: transformers 5.19 saves the SigLIP / CLIP tower as `vision_tower.*`, while vLLM
     0.32's `SiglipVisionModel` / `CLIPVisionModel` load `vision_tower.vision_model.*`: the saved keys are
-    renamed once to the nested form, which both libraries load."""
+    renamed to the nested form, which both libraries load (`vflowopt.vqa.model.nest_vision_tower_keys`)."""
     out.mkdir(parents=True, exist_ok=True)
+    if model.config.model_type == "llava":  # the project's own saving (a processor with every slot filled)
+        return vqa_save(model, proc, out)
     model.save_pretrained(out)
-    if model.config.model_type in ("llava_onevision", "llava"):
-        _nest_vision_keys(out / "model.safetensors")
-    if model.config.model_type == "llava":  # a processor with every slot filled: transformers saves it whole
-        proc.save_pretrained(out)
-        return out
+    if model.config.model_type == "llava_onevision":
+        nest_vision_tower_keys(out / "model.safetensors")
     proc.tokenizer.save_pretrained(out)
     proc.image_processor.save_pretrained(out)
     (out / "chat_template.jinja").write_text(proc.chat_template)
@@ -193,15 +194,6 @@ def save(model, proc, out: Path) -> Path:
     tc["processor_class"] = base
     tc_path.write_text(json.dumps(tc, indent=1))
     return out
-
-
-def _nest_vision_keys(path: Path) -> None:
-    from safetensors.torch import load_file, save_file
-
-    old, new = "vision_tower.", "vision_tower.vision_model."
-    state = load_file(path)
-    state = {(new + k[len(old):] if k.startswith(old) and not k.startswith(new) else k): v for k, v in state.items()}
-    save_file(state, path, metadata={"format": "pt"})
 
 
 def prompt(proc, n_images: int = 1, question: str = QUESTION) -> str:

@@ -69,10 +69,16 @@ def _case_id(case) -> str:
 def family_setup(tmp_path_factory, request):
     family = request.param
     model, proc = harness.build(family)
-    model_dir = harness.save(model, proc, tmp_path_factory.mktemp(family))
+    if family == "llava":  # the shipped folder itself: vLLM serves it as it is
+        from vflowopt.vqa.model import shipped_model_path
+
+        model_dir = shipped_model_path()
+    else:
+        model_dir = harness.save(model, proc, tmp_path_factory.mktemp(family))
+    work = tmp_path_factory.mktemp(f"{family}_runs")  # outputs of the subprocesses (never the model folder)
     # stock vLLM (no plugin plan) in its own process, running while this process starts its own engine
     # (Qwen2.5-VL only: the CI leg's time limit; the other families compare budget 1.0 with transformers)
-    stock_out = model_dir / "stock.json"
+    stock_out = work / "stock.json"
     env = {k: v for k, v in os.environ.items() if k != "VFLOWOPT_VLLM_CONFIG"}
     env.update(engine.ENGINE_ENV)
     stock = None
@@ -91,9 +97,9 @@ def family_setup(tmp_path_factory, request):
     # Qwen2.5-VL: also a run configured the way a server is, only through VFLOWOPT_VLLM_CONFIG (entry point)
     served = None
     if family == "qwen2_5_vl":
-        strategy = model_dir / "strategy.json"
+        strategy = work / "strategy.json"
         config_for("random", budget=0.5).save(strategy)
-        served_out = model_dir / "served.json"
+        served_out = work / "served.json"
         served = subprocess.Popen([sys.executable, str(HERE / "engine.py"), str(model_dir), family, "1",
                                    str(served_out)], env={**env, "VFLOWOPT_VLLM_CONFIG": str(strategy)},
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

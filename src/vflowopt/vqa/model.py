@@ -231,11 +231,34 @@ def num_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def nest_vision_tower_keys(weights: str | Path) -> bool:
+    """Rename the ``vision_tower.*`` tensors of a saved LLaVA-style ``model.safetensors`` to
+    ``vision_tower.vision_model.*`` (in place; True if anything was renamed).
+
+    Why: transformers 5.19–5.24 save a CLIP / SigLIP tower flat and load either form, while vLLM 0.32's
+    ``CLIPVisionModel`` / ``SiglipVisionModel`` load only the nested one: a folder saved this way can be
+    served by vLLM as it is."""
+    from safetensors.torch import load_file, save_file
+
+    old, new = "vision_tower.", "vision_tower.vision_model."
+    state = load_file(str(weights))
+    flat = [k for k in state if k.startswith(old) and not k.startswith(new)]
+    if not flat:
+        return False
+    state = {(new + k[len(old):] if k in flat else k): v for k, v in state.items()}
+    mode = Path(weights).stat().st_mode & 0o777
+    save_file(state, str(weights), metadata={"format": "pt"})
+    Path(weights).chmod(mode)  # save_file writes a private file
+    return True
+
+
 def save(model, processor, path: str | Path, card: str | None = None) -> Path:
-    """``save_pretrained`` for model and processor (safetensors), plus ``README.md`` if ``card`` is given."""
+    """``save_pretrained`` for model and processor (safetensors; vision tower keys nested so that vLLM loads
+    the folder too), plus ``README.md`` if ``card`` is given."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
+    nest_vision_tower_keys(path / "model.safetensors")
     processor.save_pretrained(path)
     if card is not None:
         (path / "README.md").write_text(card, encoding="utf-8")
