@@ -676,6 +676,28 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
                 config = dataclasses.replace(config, modalities=[])
             return config
 
+    class CropPruningMixin(PruningMixin):
+        """LLaVA / LLaVA-OneVision (1-D RoPE, nothing appended): capture the scored layer during vLLM's own image
+        path, then select each image's projected (OneVision: packed) features."""
+
+        vflowopt_mrope = False
+
+        def _vflowopt_sizes(self, image_input, n_images: int):
+            """The images' (h, w) sizes where the layout needs them (OneVision), else None."""
+            return None
+
+        def _process_image_input(self, image_input):
+            pruner = self._vflowopt_current() if self.vflowopt_prunes_images else None
+            if pruner is None or image_input["type"] != "pixel_values":
+                return super()._process_image_input(image_input)
+            pruner.begin()
+            try:
+                features = list(super()._process_image_input(image_input))
+            finally:
+                pruner.end()
+            sizes = self._vflowopt_sizes(image_input, len(features))
+            return tuple(pruner.select(features, sizes, image_input["pixel_values"]))
+
     from vllm.model_executor.models import llava_onevision as lov
     from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
 
@@ -699,14 +721,13 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
 
     @MULTIMODAL_REGISTRY.register_processor(OnevisionProcessor, info=lov.LlavaOnevisionProcessingInfo,
                                             dummy_inputs=lov.LlavaOnevisionDummyInputsBuilder)
-    class OnevisionModel(PruningMixin, lov.LlavaOnevisionForConditionalGeneration):
+    class OnevisionModel(CropPruningMixin, lov.LlavaOnevisionForConditionalGeneration):
         """LLaVA-OneVision (no `SupportsMultiModalPruning` upstream): the packed image features (crops,
         newlines) are selected after packing; the LLM numbers the shorter prompt's positions 1..L as vLLM
         does for every 1-D RoPE model, which is `positions="compact"` on the transformers path. Videos are
         served as vLLM serves them."""
 
         vflowopt_family = FAMILIES["LlavaOnevisionForConditionalGeneration"]
-        vflowopt_mrope = False
 
         def __init__(self, *, vllm_config, prefix: str = ""):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -715,20 +736,12 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
         def _vflowopt_new_pruner(self, plan: ServingPlan, tp_size: int = 1) -> _Pruner:
             return OnevisionImagePruner(plan, self.config, self.vision_tower.vision_model, tp_size)
 
-        def _process_image_input(self, image_input):
-            pruner = self._vflowopt_current() if self.vflowopt_prunes_images else None
-            if pruner is None or image_input["type"] != "pixel_values":
-                return super()._process_image_input(image_input)
-            pruner.begin()
-            try:
-                packed = super()._process_image_input(image_input)
-            finally:
-                pruner.end()
+        def _vflowopt_sizes(self, image_input, n_images: int):
             sizes = image_input.get("image_sizes")
             if sizes is None:  # as the parent: every image at the tower's size
                 side = self.config.vision_config.image_size
-                sizes = torch.tensor([[side, side]] * len(packed))
-            return pruner.select(list(packed), sizes, image_input["pixel_values"])
+                sizes = torch.tensor([[side, side]] * n_images)
+            return sizes
 
     from vllm.model_executor.models import llava as llv
 
@@ -745,14 +758,13 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
 
     @MULTIMODAL_REGISTRY.register_processor(llava_processor, info=llv._build_llava_or_pixtral_hf_info,
                                             dummy_inputs=llv.LlavaDummyInputsBuilder)
-    class LlavaModel(PruningMixin, llv.LlavaForConditionalGeneration):
+    class LlavaModel(CropPruningMixin, llv.LlavaForConditionalGeneration):
         """LLaVA-1.5 (CLIP or SigLIP tower, one grid of tokens per image; no `SupportsMultiModalPruning`
         upstream): the projected features are selected image by image; like LLaVA-OneVision its 1-D RoPE LLM
         numbers the shorter prompt consecutively (`positions="compact"`). A Pixtral-HF tower (same vLLM class)
         is served unpruned with one warning."""
 
         vflowopt_family = FAMILIES["LlavaForConditionalGeneration"]
-        vflowopt_mrope = False
 
         def __init__(self, *, vllm_config, prefix: str = ""):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -764,17 +776,6 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
 
         def _vflowopt_new_pruner(self, plan: ServingPlan, tp_size: int = 1) -> _Pruner:
             return LlavaImagePruner(plan, self.config, self.vision_tower.vision_model, tp_size)
-
-        def _process_image_input(self, image_input):
-            pruner = self._vflowopt_current() if self.vflowopt_prunes_images else None
-            if pruner is None or image_input["type"] != "pixel_values":
-                return super()._process_image_input(image_input)
-            pruner.begin()
-            try:
-                features = super()._process_image_input(image_input)
-            finally:
-                pruner.end()
-            return tuple(pruner.select(list(features), None, image_input["pixel_values"]))
 
     built = {"Qwen2_5_VLForConditionalGeneration": Qwen2_5Model, "Qwen3VLForConditionalGeneration": Qwen3Model,
              "Qwen2VLForConditionalGeneration": Qwen2Model,
