@@ -8,15 +8,16 @@ checked (a bad file stops the server with one line saying why), and the covered 
 by subclasses of vLLM's own classes:
 
 * the multimodal processor emits `round(budget·n)` image placeholders (at least one) for an image of n
-  visual tokens, known from `image_grid_thw` (LLaVA-OneVision: from the picture's size, newlines kept) before
-  the encoder runs;
+  visual tokens, known before the encoder runs (Qwen-VL: from `image_grid_thw`; LLaVA-OneVision: from the
+  picture's size, newlines kept; LLaVA-1.5: fixed per model);
 * the model runs the vision tower as vLLM does, capturing the signals the method declares (pixels; the
   scored block's attention input, from which the head-averaged attention and keys are recomputed exactly
   as the transformers path recomputes them), then calls `vflowopt.methods.base.select_before_llm` on each
   image's merged features: the same method code as `vflowopt.prune`. On Qwen-VL the kept (possibly merged)
   tokens keep their original M-RoPE positions through vLLM's EVS machinery (`compute_mrope_for_media` +
   `recompute_mrope_positions`), and text after the image continues at the unpruned sequence's positions; on
-  LLaVA-OneVision (1-D RoPE) vLLM numbers the shorter prompt consecutively (`positions="compact"`).
+  LLaVA-1.5 and LLaVA-OneVision (1-D RoPE) vLLM numbers the shorter prompt consecutively
+  (`positions="compact"`).
 
 Every module of this package imports without vLLM: the vLLM subclasses are built on first use
 (`model_classes()`), and this module's `__getattr__` serves them by name to vLLM's lazy model registry.

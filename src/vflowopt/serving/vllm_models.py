@@ -1,6 +1,6 @@
 """The vLLM model and processor subclasses that prune images, and the selection they run.
 
-`ImagePruner` (Qwen-VL) and `CropImagePruner` (LLaVA-OneVision) are the engine-independent part: given one
+`ImagePruner` (Qwen-VL) and `CropImagePruner` (LLaVA-1.5, LLaVA-OneVision) are the engine-independent part: given one
 vision pass's images (merged features, pixels, and the scored block's attention input) they call
 `select_before_llm`, the method code the transformers path runs, image by image. `build_classes()` makes
 the vLLM subclasses (imports vLLM; called lazily).
@@ -131,7 +131,8 @@ class _Pruner:
         parallelism vLLM shards the vision heads over the ranks (or, where they do not divide, gives every
         rank all of them): the heads-weighted sum of the ranks' averages over the ranks' head counts is the
         average over all heads in both cases, and the all-reduce gives every rank the same maps, so every
-        rank selects the same tokens. One collective per vision pass; nothing at TP 1."""
+        rank selects the same tokens. One collective per captured signal (the maps; the keys when the method
+        needs them) per vision pass; nothing at TP 1."""
         if self.tp_size <= 1 or not parts:
             return parts
         from vllm.distributed import tensor_model_parallel_all_reduce
@@ -155,8 +156,8 @@ class _Pruner:
     def end(self) -> None:
         self._capturing = False
 
-    def _check_signals(self, n_images: int, n_maps: int | None, pixel_values) -> None:
-        if self.needs_attention and (self._maps is None or n_maps != n_images):
+    def _check_signals(self, have_maps: bool, pixel_values) -> None:
+        if self.needs_attention and not have_maps:
             raise PruningError(f"vflowopt: method '{self.plan.method}' needs the vision encoder's attention, but no "
                                "vision pass ran for these images (precomputed image embeddings cannot be pruned "
                                "with it; use random, pool or divprune)")
@@ -198,11 +199,9 @@ class ImagePruner(_Pruner):
 
     def __init__(self, plan: ServingPlan, family: str, hf_config: Any, visual: torch.nn.Module,
                  feature_width: int | None = None, tp_size: int = 1):
-        plan.check_family(family)
         # The adapter reads the transformers config and the vision blocks; vLLM's hf_config is that config.
         super().__init__(plan, family, _ADAPTERS[family](SimpleNamespace(config=hf_config, visual=visual)),
                          tp_size)
-        self.merge = int(hf_config.vision_config.spatial_merge_size)
         self.visual = visual
         self.feature_width = feature_width  # None: the whole embedding row is the feature
         self._grid: torch.Tensor | None = None
@@ -247,7 +246,7 @@ class ImagePruner(_Pruner):
                pixel_values: torch.Tensor | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per image: (kept embeddings, their indices among the image's tokens)."""
         grid = grid_thw.detach().to("cpu", torch.long)
-        self._check_signals(len(embeds), None if self._maps is None else len(self._maps), pixel_values)
+        self._check_signals(self._maps is not None and len(self._maps) == len(embeds), pixel_values)
         patches = grid.prod(-1).tolist()
         pixels: list[torch.Tensor | None] = [None] * len(embeds)
         if self.needs_pixels:
@@ -322,7 +321,7 @@ class CropImagePruner(_Pruner):
         sizes = None
         if image_sizes is not None:  # vLLM batches (h, w) sizes as one (B, 2) tensor or a list of (2,) tensors
             sizes = torch.stack([torch.as_tensor(s).reshape(2) for s in image_sizes]).to("cpu", torch.long)
-        self._check_signals(len(features), None if self._maps is None else len(features), pixel_values)
+        self._check_signals(self._maps is not None, pixel_values)
         # crops as vLLM stacked them for the tower (a batched tensor may carry padding crops) ...
         stacks = None
         if pixel_values is not None:
@@ -361,12 +360,9 @@ class OnevisionImagePruner(CropImagePruner):
         base = SimpleNamespace(vision_tower=vision_model, pack_image_features=pack)
         super().__init__(plan, "llava_onevision", LlavaOnevisionAdapter(SimpleNamespace(config=hf_config,
                                                                                         model=base)), tp_size)
-        self._crops_of = functools.partial(hf_ov.image_size_to_num_patches,
-                                           grid_pinpoints=hf_config.image_grid_pinpoints,
-                                           patch_size=hf_config.vision_config.image_size)
 
     def crops_of(self, size: list[int]) -> int:
-        return int(self._crops_of(size))
+        return self.adapter._num_crops([size], None)[0]  # the adapter's rule (a single-image prompt: tiled)
 
     def layout_kwargs(self, sizes: torch.Tensor | None, i: int) -> dict:
         return {"image_sizes": sizes[i : i + 1]}
@@ -701,17 +697,22 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
     from vllm.model_executor.models import llava_onevision as lov
     from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
 
+    def pixel_items(mm_items, model: str):
+        """The request's images; precomputed embeddings are refused as a request error: the LLaVA-family
+        models here select inside their pixel path (`CropPruningMixin`), which embeddings skip."""
+        images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
+        if isinstance(images, ImageEmbeddingItems):
+            raise ValueError(f"vflowopt: precomputed {model} image embeddings are not pruned by the vLLM plugin; "
+                             "send the image itself")
+        return images
+
     class OnevisionProcessor(lov.LlavaOnevisionMultiModalProcessor):
         def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
             info = self.info
 
             def kept(plan: ServingPlan, item_idx: int, n: int) -> int:
                 """An image's newlines (never pruned) plus round(budget·m) of its m other tokens."""
-                images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
-                if isinstance(images, ImageEmbeddingItems):
-                    raise ValueError("vflowopt: precomputed LLaVA-OneVision image embeddings carry no image size, "
-                                     "so their newline tokens cannot be told apart; send the image itself")
-                size = images.get_image_size(item_idx)
+                size = pixel_items(mm_items, "LLaVA-OneVision").get_image_size(item_idx)
                 newlines = onevision_newlines(info, size.width, size.height)
                 return newlines + plan.kept_tokens(n - newlines)
 
@@ -747,8 +748,13 @@ def build_classes(names: dict[str, str]) -> dict[str, type]:
 
     class LlavaProcessor(llv.LlavaMultiModalProcessor):
         def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+            def kept(plan: ServingPlan, item_idx: int, n: int) -> int:
+                pixel_items(mm_items, "LLaVA")
+                return plan.kept_tokens(n)
+
             return pruning_prompt_updates(
-                list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)), out_mm_kwargs)
+                list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)), out_mm_kwargs,
+                kept)
 
     def llava_processor(info, dummy_inputs):
         """vLLM's LLaVA factory, with the pruning processor for CLIP / SigLIP towers (Pixtral-HF: vLLM's own)."""

@@ -235,14 +235,15 @@ def nest_vision_tower_keys(weights: str | Path) -> bool:
     """Rename the ``vision_tower.*`` tensors of a saved LLaVA-style ``model.safetensors`` to
     ``vision_tower.vision_model.*`` (in place; True if anything was renamed).
 
-    Why: transformers 5.19–5.24 save a CLIP / SigLIP tower flat and load either form, while vLLM 0.32's
+    Why: transformers (5.19 and 5.24, the releases CI runs) save a CLIP / SigLIP tower flat and load either
+    form, while vLLM 0.32's
     ``CLIPVisionModel`` / ``SiglipVisionModel`` load only the nested one: a folder saved this way can be
     served by vLLM as it is."""
     from safetensors.torch import load_file, save_file
 
     old, new = "vision_tower.", "vision_tower.vision_model."
     state = load_file(str(weights))
-    flat = [k for k in state if k.startswith(old) and not k.startswith(new)]
+    flat = {k for k in state if k.startswith(old) and not k.startswith(new)}
     if not flat:
         return False
     state = {(new + k[len(old):] if k in flat else k): v for k, v in state.items()}
